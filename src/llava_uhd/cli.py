@@ -1,0 +1,131 @@
+"""The ``llava-uhd`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+from PIL import Image
+
+from .slicing import SliceConfig, SlicePlan
+
+__all__ = ["main"]
+
+
+def _slice_report(path: str, plan: SlicePlan, queries: int) -> str:
+    from .peers import llava15_cost, llava_next_cost
+
+    cfg = plan.config
+    lines = [
+        f"{path}: {plan.width}x{plan.height} (W x H), native {cfg.image_size[0]}x{cfg.image_size[1]}, "
+        f"patch {cfg.patch_size}, max {cfg.max_slices} slices",
+    ]
+    if plan.is_sliced:
+        lines.append(f"grid: {plan.cols} cols x {plan.rows} rows = {len(plan.slices)} slices, row-major")
+    else:
+        lines.append("not sliced: the whole image is one view")
+    lines.append(f"  {'slice':<8}{'box (left, top, right, bottom)':<34}{'crop':>11}{'resized':>11}{'patches':>16}")
+    for k, s in enumerate(plan.slices):
+        row, col = divmod(k, plan.cols)
+        l, t, r, b = s.box
+        h_p, w_p = s.grid
+        lines.append(f"  {f'r{row}c{col}':<8}{str(s.box):<34}{f'{r - l}x{b - t}':>11}"
+                     f"{f'{s.size[0]}x{s.size[1]}':>11}{f'{w_p}x{h_p}={s.num_patches}':>16}")
+    if plan.overview is not None:
+        o = plan.overview
+        lines.append(f"  {'overview':<8}{str(o.box):<34}{f'{plan.width}x{plan.height}':>11}"
+                     f"{f'{o.size[0]}x{o.size[1]}':>11}{f'{o.grid[1]}x{o.grid[0]}={o.num_patches}':>16}")
+    crops = len(plan.crops)
+    sep = plan.num_separators()
+    lines.append(f"ViT patches: {plan.num_patches} over {crops} crop(s)")
+    lines.append(f"LLM tokens: {crops} x {queries} queries + {sep} separators ("
+                 f"{(plan.cols - 1) * plan.rows if plan.is_sliced else 0} ',' + {plan.rows if plan.is_sliced else 0}"
+                 f" '\\n') = {plan.num_tokens(queries)}")
+    lines.append("")
+    lines.append("the same image elsewhere:")
+    lines.append(f"  {'model':<12}{'ViT crops':>10}{'ViT patches':>13}{'LLM tokens':>12}  how")
+    w, h = plan.width, plan.height
+    rows = [("llava-uhd", crops, plan.num_patches, plan.num_tokens(queries),
+             f"{len(plan.slices)} slice(s){' + overview' if plan.is_sliced else ''}, {queries}-query resampler")]
+    for cost in (llava15_cost(w, h, cfg.image_size[0], cfg.patch_size),
+                 llava_next_cost(w, h, cfg.image_size[0], cfg.patch_size)):
+        rows.append((cost.name, cost.crops, cost.vit_patches, cost.visual_tokens, cost.detail))
+    for name, c, p, t, how in rows:
+        lines.append(f"  {name:<12}{c:>10}{p:>13}{t:>12}  {how}")
+    return "\n".join(lines)
+
+
+def _cmd_slice(args) -> int:
+    from .image_processing import load_rgb
+    from .slicing import plan_slices
+    from .visualize import draw_plan
+
+    config = SliceConfig.preset(args.preset)
+    overrides = {} if args.max_slices is None else {"max_slices": args.max_slices}
+    try:
+        image = load_rgb(args.image, config.max_pixels)
+        size = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
+        plan = plan_slices(*size, config, **overrides)
+    except ValueError as e:
+        print(f"llava-uhd slice: {args.image}: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        d = plan.to_dict(args.queries)
+        print(json.dumps({k: d[k] for k in ("cols", "rows", "slices", "overview", "tokens")}))
+    else:
+        print(_slice_report(args.image, plan, args.queries))
+    if args.out:
+        if not isinstance(image, Image.Image):
+            image = Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
+        draw_plan(image, plan).save(args.out)
+        if not args.json:
+            print(f"\nwrote {args.out}")
+    return 0
+
+
+def _cmd_example_image(args) -> int:
+    from .visualize import make_example_image
+
+    make_example_image(args.width, args.height, args.seed).save(args.out)
+    print(f"wrote {args.out} ({args.width}x{args.height})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llava-uhd", description="LLaVA-UHD: any aspect ratio, high resolution.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("slice", help="show how an image is cut into slices and what it costs",
+                       description="Print the slicing plan of IMAGE (grid, slice boxes and sizes, overview, patches, "
+                                   "LLM tokens) beside what LLaVA-1.5 and LLaVA-NeXT spend on it.")
+    p.add_argument("image", help="path of the image")
+    p.add_argument("--max-slices", type=int, default=None, help="slice cap (default: the preset's; paper 6)")
+    p.add_argument("--preset", choices=["paper", "release"], default="paper",
+                   help="slicing settings: the paper's (max 6 slices) or the authors' release (max 7)")
+    p.add_argument("--queries", type=int, default=64, help="resampler queries per slice (default 64)")
+    p.add_argument("--out", help="write a picture of the plan (PNG) here")
+    p.add_argument("--json", action="store_true",
+                   help="print the plan as JSON (keys: cols, rows, slices[{box, size, grid}], overview, tokens) only")
+    p.set_defaults(func=_cmd_slice)
+
+    p = sub.add_parser("example-image", help="write a generated example image with fine detail")
+    p.add_argument("out", help="output path (PNG)")
+    p.add_argument("--width", type=int, default=1008)
+    p.add_argument("--height", type=int, default=672)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_example_image)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "max_slices", None) is not None and args.max_slices < 1:
+        print("llava-uhd: --max-slices must be >= 1", file=sys.stderr)
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""The LLaVA-UHD image processor: any image in, every slice and overview as ViT patches out.
+
+A batch of images whose slices all differ in size is returned packed, as Qwen2-VL does: the patches of every crop
+(slices and overviews of all images) are flattened and concatenated along one axis, and the patch grid of each crop
+says where one crop ends and the next begins. A model can then run the patch embedding over the whole batch at
+once and encode the crops without padding any of them to the largest.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+
+from .slicing import SliceConfig, SlicePlan, plan_slices
+
+__all__ = ["LlavaUHDImageProcessor", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "load_rgb"]
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_WIDE_INT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+_PIL_OPEN_LOCK = threading.Lock()
+
+
+def _describe(image: Any) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return f"'{os.fspath(image)}'"
+    if isinstance(image, Image.Image):
+        name = getattr(image, "filename", "") or ""
+        return f"PIL {image.mode} {image.size[0]}x{image.size[1]}" + (f" from '{name}'" if name else "")
+    if isinstance(image, (bytes, bytearray)):
+        return f"{len(image)} bytes"
+    shape = getattr(image, "shape", None)
+    return f"{type(image).__name__}" + (f" of shape {tuple(shape)}" if shape is not None else "")
+
+
+def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Image:
+    """Open a file or encoded bytes, checking the pixel count before decoding anything."""
+    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    # We enforce our own documented limit (SliceConfig.max_pixels) instead of PIL's decompression-bomb guard.
+    with _PIL_OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            image = Image.open(fp)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    _check_pixels(image.size, max_pixels)
+    return image
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int | None) -> None:
+    w, h = size
+    if w < 1 or h < 1:
+        raise ValueError(f"image is empty ({w}x{h})")
+    if max_pixels is not None and w * h > max_pixels:
+        raise ValueError(f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels}")
+
+
+def _pil_to_working(image: Image.Image) -> Image.Image | np.ndarray:
+    """EXIF orientation applied, any mode to RGB: a PIL RGB image (8-bit sources) or a float32 (H, W, 3) array
+    in [0, 1] (16/32-bit and float sources, kept at full precision)."""
+    image.load()  # decode now so a truncated file fails here, with a clear message
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode in _WIDE_INT_MODES or mode == "F":
+        arr = np.asarray(image, dtype=np.float32)
+        arr = arr / 65535.0 if mode in _WIDE_INT_MODES else arr
+        return np.repeat(np.clip(arr, 0.0, 1.0)[:, :, None], 3, axis=2)
+    if mode == "1":
+        image = image.convert("L")
+    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+        # Composite transparent pixels on white instead of keeping whatever colour hides under alpha = 0.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _array_to_working(arr: np.ndarray) -> Image.Image | np.ndarray:
+    """(H, W), (H, W, C) or (C, H, W) arrays with C in 1, 3, 4. uint8/bool/small ints go through PIL; uint16 is
+    scaled by 1/65535; floats must already lie in [0, 1]."""
+    if arr.ndim == 3:
+        if arr.shape[-1] in (1, 3, 4):
+            pass
+        elif arr.shape[0] in (1, 3, 4):
+            arr = np.moveaxis(arr, 0, -1)
+        else:
+            raise ValueError(f"cannot tell the channel axis of an array of shape {arr.shape}: expected 1, 3 or 4 "
+                             "channels first or last")
+    elif arr.ndim != 2:
+        raise ValueError(f"expected an array of 2 or 3 dimensions, got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ValueError(f"image is empty (shape {arr.shape})")
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[:, :, 0]
+    if arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
+    if arr.dtype == np.uint16:
+        arr = arr.astype(np.float32) / 65535.0
+    elif np.issubdtype(arr.dtype, np.integer):
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(f"integer image values must lie in [0, 255] (uint16: [0, 65535]), got [{lo}, {hi}]")
+        # Image.fromarray infers L, RGB or RGBA from the shape; PIL then handles alpha like any file.
+        return _pil_to_working(Image.fromarray(np.ascontiguousarray(arr.astype(np.uint8))))
+    elif not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"unsupported image dtype {arr.dtype}")
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError("image contains NaN or infinite values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise ValueError(f"float images must lie in [0, 1] (got values in [{lo:.4g}, {hi:.4g}]); "
+                         "pass uint8 arrays for 0-255 data")
+    arr = np.clip(arr, 0.0, 1.0)
+    if arr.ndim == 2:
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.shape[-1] == 4:  # composite on white
+        alpha = arr[:, :, 3:]
+        return arr[:, :, :3] * alpha + (1.0 - alpha)
+    return arr
+
+
+def load_rgb(image: Any, max_pixels: int | None = SliceConfig().max_pixels) -> Image.Image | np.ndarray:
+    """Any supported image input to RGB, EXIF orientation applied.
+
+    Accepts a path, encoded bytes, a PIL image of any mode (L, LA, P, RGBA, CMYK, I;16, 1, ...), a numpy array or a
+    torch tensor. Returns a PIL RGB image for 8-bit sources, else a float32 ``(H, W, 3)`` array in [0, 1].
+    Raises `ValueError` naming the problem for anything unreadable.
+    """
+    if isinstance(image, (str, os.PathLike, bytes, bytearray)):
+        if isinstance(image, (str, os.PathLike)) and not Path(image).is_file():
+            raise ValueError(f"no such image file: '{os.fspath(image)}'")
+        try:
+            image = _open(image, max_pixels)
+        except UnidentifiedImageError as e:
+            raise ValueError("not an image (unknown or unsupported format)") from e
+        except OSError as e:
+            raise ValueError(f"cannot be read: {e}") from e
+    if isinstance(image, Image.Image):
+        _check_pixels(image.size, max_pixels)
+        try:
+            return _pil_to_working(image)
+        except (OSError, SyntaxError) as e:  # PIL reports truncated / corrupt data as OSError (or SyntaxError)
+            raise ValueError(f"cannot be decoded: {e}") from e
+    if type(image).__module__.startswith("torch"):
+        image = image.detach().cpu()
+        image = (image.float() if image.is_floating_point() else image).numpy()
+    if isinstance(image, np.ndarray):
+        working = _array_to_working(image)
+        size = working.size if isinstance(working, Image.Image) else (working.shape[1], working.shape[0])
+        _check_pixels(size, max_pixels)
+        return working
+    raise ValueError(f"unsupported image type {type(image).__name__}: expected a path, bytes, a PIL image, "
+                     "a numpy array or a torch tensor")
+
+
+def _resize_crop(image: Image.Image | np.ndarray, box, size, resample) -> np.ndarray:
+    """Crop ``box`` and resize it to ``size``: float32 (h, w, 3), 0-255 for PIL sources, 0-1 for float ones."""
+    if isinstance(image, Image.Image):
+        region = image.crop(box) if box != (0, 0, *image.size) else image
+        return np.asarray(region.resize(size, resample), dtype=np.float32)
+    left, top, right, bottom = box
+    region = image[top:bottom, left:right]
+    # PIL's "F" mode resizes one float channel at full precision with the same antialiased filters.
+    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(region[:, :, c])).resize(size, resample))
+                     for c in range(3)], axis=-1)
+
+
+def patchify(pixels: np.ndarray, patch_size: int) -> np.ndarray:
+    """``(3, h, w)`` to ``(h/p * w/p, 3*p*p)``: patches row-major, each patch channel-major like a conv weight."""
+    c, h, w = pixels.shape
+    p = patch_size
+    x = pixels.reshape(c, h // p, p, w // p, p).transpose(1, 3, 0, 2, 4)
+    return x.reshape((h // p) * (w // p), c * p * p)
+
+
+def unpatchify(patches: np.ndarray, grid: tuple[int, int], patch_size: int) -> np.ndarray:
+    """Inverse of `patchify`: ``(h_p*w_p, 3*p*p)`` to ``(3, h_p*p, w_p*p)``."""
+    h_p, w_p = grid
+    p = patch_size
+    c = patches.shape[-1] // (p * p)
+    x = patches.reshape(h_p, w_p, c, p, p).transpose(2, 0, 3, 1, 4)
+    return x.reshape(c, h_p * p, w_p * p)
+
+
+class LlavaUHDImageProcessor(BaseImageProcessor):
+    r"""Cuts each image into LLaVA-UHD slices plus an overview and returns their patches, packed.
+
+    Args:
+        size (`dict`, defaults to ``{"height": 336, "width": 336}``): the ViT's native input size.
+        patch_size (`int`, defaults to 14): the ViT's patch size.
+        max_slices (`int`, defaults to 6): slice cap (the paper: 6; the authors' release: 7). Can be overridden per
+            call.
+        max_pixels (`int`, defaults to 2**30): larger images are refused with a `ValueError`.
+        resample (`int`, defaults to ``PIL.Image.BICUBIC``): resampling filter (PIL filters are antialiased).
+        do_rescale, rescale_factor: scale 8-bit pixel values by ``1/255`` (float inputs must already be in [0, 1]).
+        do_normalize, image_mean, image_std: normalization (CLIP's mean and std by default).
+
+    Returns from `preprocess` / `__call__` a `BatchFeature` with, for ``B`` images cut into ``K`` crops in all (each
+    image's slices row-major, then its overview) holding ``P`` patches in all:
+
+    - ``pixel_values``: ``(P, 3 * patch_size**2)`` float32, the normalized patches of every crop, concatenated;
+      within a crop patches are row-major and each patch is ``(3, p, p)`` flattened (the layout of a conv patch
+      embedding's weight, so the embedding is one matmul).
+    - ``patch_grid_hw``: ``(K, 2)`` int64, each crop's patch grid ``(h_p, w_p)``; crop ``k`` owns
+      ``h_p * w_p`` rows of ``pixel_values`` after those of crops ``0 .. k-1``.
+    - ``crop_image_ids``: ``(K,)`` int64, the index of the image each crop belongs to.
+    - ``crop_is_overview``: ``(K,)`` bool, True for the overview crops.
+    - ``image_layout``: ``(B, 2)`` int64, each image's slice grid ``(rows, cols)`` (``(1, 1)``: not sliced).
+    - ``image_sizes``: ``(B, 2)`` int64, each image's ``(height, width)`` after EXIF orientation.
+    """
+
+    model_input_names = ["pixel_values", "patch_grid_hw", "crop_image_ids", "crop_is_overview", "image_layout",
+                         "image_sizes"]
+
+    def __init__(
+        self,
+        size: dict[str, int] | None = None,
+        patch_size: int = 14,
+        max_slices: int = 6,
+        max_pixels: int | None = SliceConfig().max_pixels,
+        resample: int = Image.Resampling.BICUBIC,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+        image_mean: tuple[float, float, float] | list[float] = OPENAI_CLIP_MEAN,
+        image_std: tuple[float, float, float] | list[float] = OPENAI_CLIP_STD,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.size = dict(size) if size is not None else {"height": 336, "width": 336}
+        self.patch_size = int(patch_size)
+        self.max_slices = int(max_slices)
+        self.max_pixels = max_pixels
+        self.resample = int(resample)
+        self.do_rescale = do_rescale
+        self.rescale_factor = rescale_factor
+        self.do_normalize = do_normalize
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        self.slice_config  # validate now, not at the first image
+
+    @property
+    def slice_config(self) -> SliceConfig:
+        return SliceConfig(
+            image_size=(int(self.size["width"]), int(self.size["height"])),
+            patch_size=self.patch_size,
+            max_slices=self.max_slices,
+            max_pixels=self.max_pixels,
+        )
+
+    @classmethod
+    def from_slice_config(cls, config: SliceConfig, **kwargs) -> "LlavaUHDImageProcessor":
+        w, h = config.image_size
+        return cls(size={"height": h, "width": w}, patch_size=config.patch_size, max_slices=config.max_slices,
+                   max_pixels=config.max_pixels, **kwargs)
+
+    def plan(self, width: int, height: int, max_slices: int | None = None) -> SlicePlan:
+        """The slicing plan this processor follows for a ``width x height`` image."""
+        config = self.slice_config
+        if max_slices is not None:
+            config = SliceConfig(**{**asdict(config), "max_slices": max_slices})
+        return plan_slices(width, height, config)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["image_mean"], out["image_std"] = list(self.image_mean), list(self.image_std)
+        return out
+
+    def preprocess(self, images, max_slices: int | None = None, return_tensors=None, **kwargs) -> BatchFeature:
+        """Process one image or a list (possibly nested per sample: it is flattened in order) of images.
+
+        Args:
+            images: paths, encoded bytes, PIL images, numpy arrays or torch tensors (see `load_rgb`).
+            max_slices: per-call slice cap, overriding the processor's.
+            return_tensors: ``"pt"``, ``"np"`` or None (numpy).
+        """
+        if kwargs:
+            raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+        flat = _flatten(images)
+        mean = np.asarray(self.image_mean, dtype=np.float32)
+        std = np.asarray(self.image_std, dtype=np.float32)
+        patches, grids, owners, overview, layouts, sizes = [], [], [], [], [], []
+        for i, image in enumerate(flat):
+            try:
+                working = load_rgb(image, self.max_pixels)
+            except ValueError as e:
+                raise ValueError(f"image {i} ({_describe(image)}): {e}") from e
+            eight_bit = isinstance(working, Image.Image)
+            width, height = working.size if eight_bit else (working.shape[1], working.shape[0])
+            plan = self.plan(width, height, max_slices)
+            for crop in plan.crops:
+                pixels = _resize_crop(working, crop.box, crop.size, self.resample)
+                if eight_bit and self.do_rescale:
+                    pixels = pixels * np.float32(self.rescale_factor)
+                if self.do_normalize:
+                    pixels = (pixels - mean) / std
+                patches.append(patchify(pixels.transpose(2, 0, 1), self.patch_size))
+                grids.append(crop.grid)
+                owners.append(i)
+                overview.append(crop is plan.overview)
+            layouts.append((plan.rows, plan.cols))
+            sizes.append((height, width))
+        dim = 3 * self.patch_size**2
+        data = {
+            "pixel_values": np.concatenate(patches).astype(np.float32) if patches else np.zeros((0, dim), np.float32),
+            "patch_grid_hw": np.asarray(grids, dtype=np.int64).reshape(-1, 2),
+            "crop_image_ids": np.asarray(owners, dtype=np.int64),
+            "crop_is_overview": np.asarray(overview, dtype=bool),
+            "image_layout": np.asarray(layouts, dtype=np.int64).reshape(-1, 2),
+            "image_sizes": np.asarray(sizes, dtype=np.int64).reshape(-1, 2),
+        }
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def __call__(self, images, **kwargs) -> BatchFeature:
+        return self.preprocess(images, **kwargs)
+
+
+def _flatten(images) -> list:
+    if isinstance(images, (list, tuple)):
+        out = []
+        for item in images:
+            out.extend(_flatten(item) if isinstance(item, (list, tuple)) else [item])
+        return out
+    return [images]

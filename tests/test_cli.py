@@ -1,0 +1,63 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from llava_uhd.cli import main
+from llava_uhd.visualize import make_example_image
+
+
+@pytest.fixture
+def example(tmp_path):
+    path = tmp_path / "example.png"
+    make_example_image(672, 1008).save(path)
+    return path
+
+
+def test_slice_report(example, capsys):
+    assert main(["slice", str(example)]) == 0
+    out = capsys.readouterr().out
+    assert "2 cols x 3 rows = 6 slices" in out
+    assert "= 454" in out
+    assert "llava-1.5" in out and " 576 " in out
+    assert "llava-next" in out and " 2160 " in out
+    assert "(336, 672, 672, 1008)" in out
+
+
+def test_slice_json_is_only_json(example, capsys):
+    assert main(["slice", str(example), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data) == {"cols", "rows", "slices", "overview", "tokens"}
+    assert (data["cols"], data["rows"], data["tokens"]) == (2, 3, 454)
+    assert data["slices"][5]["box"] == [336, 672, 672, 1008] and data["slices"][0]["size"] == [336, 336]
+
+
+def test_slice_max_slices_and_picture(example, tmp_path, capsys):
+    out = tmp_path / "plan.png"
+    assert main(["slice", str(example), "--max-slices", "2", "--out", str(out), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["cols"] * data["rows"] == 2
+    picture = Image.open(out)
+    # the image (scaled) plus the overview beside it
+    assert picture.width > 672 * min(1, 900 / 1008) + data["overview"]["size"][0]
+
+
+def test_release_preset(tmp_path, capsys):
+    path = tmp_path / "wide.png"
+    make_example_image(336 * 7, 336).save(path)
+    main(["slice", str(path), "--json", "--preset", "release"])
+    assert json.loads(capsys.readouterr().out)["cols"] == 7
+
+
+def test_bad_image_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"hello")
+    assert main(["slice", str(bad)]) == 2
+    assert "not an image" in capsys.readouterr().err
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "llava_uhd", "slice", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--max-slices" in out.stdout and "--json" in out.stdout

@@ -1,0 +1,204 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from llava_uhd.image_processing import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    LlavaUHDImageProcessor,
+    load_rgb,
+    patchify,
+    unpatchify,
+)
+from llava_uhd.slicing import plan_slices
+
+
+@pytest.fixture
+def processor():
+    return LlavaUHDImageProcessor()
+
+
+def gradient(width, height):
+    yy, xx = np.mgrid[0:height, 0:width]
+    return np.stack([xx * 255 // max(1, width - 1), yy * 255 // max(1, height - 1),
+                     (xx + yy) % 256], -1).astype(np.uint8)
+
+
+def test_output_layout_672x1008(processor):
+    out = processor(Image.fromarray(gradient(672, 1008)), return_tensors="pt")
+    plan = plan_slices(672, 1008)
+    assert out["pixel_values"].shape == (plan.num_patches, 3 * 14 * 14)
+    assert out["pixel_values"].dtype == torch.float32
+    assert out["patch_grid_hw"].tolist() == [list(g) for g in plan.patch_grids]
+    assert out["crop_image_ids"].tolist() == [0] * 7
+    assert out["crop_is_overview"].tolist() == [False] * 6 + [True]
+    assert out["image_layout"].tolist() == [[3, 2]]
+    assert out["image_sizes"].tolist() == [[1008, 672]]
+
+
+def test_slice_pixels_match_an_independent_pipeline(processor):
+    """Each slice = crop the box, bicubic-resize, /255, CLIP-normalize: recomputed here by hand."""
+    arr = gradient(1000, 700)
+    image = Image.fromarray(arr)
+    out = processor(image)
+    plan = plan_slices(1000, 700)
+    offset = 0
+    for crop, grid in zip(plan.crops, out["patch_grid_hw"]):
+        n = int(grid[0] * grid[1])
+        got = unpatchify(out["pixel_values"][offset:offset + n], tuple(grid), 14)
+        offset += n
+        ref = np.asarray(image.crop(crop.box).resize(crop.size, Image.Resampling.BICUBIC), np.float64) / 255.0
+        ref = ((ref - OPENAI_CLIP_MEAN) / OPENAI_CLIP_STD).transpose(2, 0, 1)
+        assert got.shape == ref.shape
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert offset == out["pixel_values"].shape[0]
+
+
+def test_patchify_round_trip(rng):
+    x = rng.standard_normal((3, 28, 42)).astype(np.float32)
+    p = patchify(x, 14)
+    assert p.shape == (6, 588)
+    np.testing.assert_array_equal(unpatchify(p, (2, 3), 14), x)
+    # patch (row 1, col 2) is the block [14:28, 28:42], channel-major
+    np.testing.assert_array_equal(p[5], x[:, 14:28, 28:42].reshape(-1))
+
+
+def test_batch_of_mixed_sizes(processor, rng):
+    images = [Image.fromarray(gradient(672, 1008)), rng.random((50, 80, 3)), torch.randint(0, 256, (3, 400, 900)),
+              Image.fromarray(gradient(3000, 200))]
+    out = processor(images, return_tensors="pt")
+    grids = out["patch_grid_hw"]
+    assert out["pixel_values"].shape[0] == int((grids[:, 0] * grids[:, 1]).sum())
+    ids = out["crop_image_ids"].tolist()
+    assert ids == sorted(ids) and set(ids) == {0, 1, 2, 3}
+    assert out["image_layout"].tolist()[1] == [1, 1]  # the 80x50 array is not sliced
+    assert out["crop_is_overview"].sum() == 3
+    # a nested list (one list per sample) gives the same as the flat list
+    nested = processor([images[:2], images[2:]], return_tensors="pt")
+    assert torch.equal(nested["pixel_values"], out["pixel_values"])
+
+
+def test_per_call_max_slices(processor):
+    image = Image.fromarray(gradient(2000, 1500))
+    assert processor(image)["image_layout"].tolist() != [[1, 1]]
+    assert processor(image, max_slices=1)["image_layout"].tolist() == [[1, 1]]
+
+
+def test_same_result_for_pil_numpy_and_torch(processor):
+    arr = gradient(500, 400)
+    a = processor(Image.fromarray(arr))["pixel_values"]
+    b = processor(arr)["pixel_values"]
+    c = processor(torch.from_numpy(arr).permute(2, 0, 1))["pixel_values"]
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, c)
+    # float input in [0, 1] goes through the full-precision path and lands close to the 8-bit one (on a smooth
+    # image: at sharp edges only the 8-bit path clips the bicubic overshoot)
+    smooth = arr.copy()
+    smooth[..., 2] = 128
+    d = processor(smooth.astype(np.float32) / 255.0)["pixel_values"]
+    np.testing.assert_allclose(d, processor(smooth)["pixel_values"], atol=0.03)
+
+
+MODES = ["L", "LA", "P", "RGBA", "CMYK", "I;16", "1", "RGB", "I", "F", "YCbCr"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_becomes_rgb(processor, mode):
+    base = Image.fromarray(gradient(400, 300))
+    if mode == "I;16":
+        image = Image.fromarray((np.asarray(base.convert("L"), np.uint16) * 257))
+        assert image.mode == "I;16"
+    elif mode == "F":
+        image = Image.fromarray(np.asarray(base.convert("L"), np.float32) / 255.0)
+    else:
+        image = base.convert(mode)
+    rgb = load_rgb(image)
+    size = rgb.size if isinstance(rgb, Image.Image) else rgb.shape[1::-1]
+    assert tuple(size) == (400, 300)
+    if isinstance(rgb, Image.Image):
+        assert rgb.mode == "RGB"
+    else:
+        assert rgb.shape == (300, 400, 3) and rgb.dtype == np.float32 and 0 <= rgb.min() and rgb.max() <= 1
+    out = processor(image)
+    assert out["pixel_values"].shape[1] == 588 and np.isfinite(out["pixel_values"]).all()
+    if mode == "I;16":  # 16-bit is scaled to [0, 1], not clipped at 255
+        np.testing.assert_allclose(rgb[..., 0], np.asarray(base.convert("L"), np.float32) / 255.0, atol=1e-6)
+
+
+def test_transparent_pixels_become_white():
+    rgba = np.zeros((10, 10, 4), np.uint8)  # fully transparent black
+    assert np.asarray(load_rgb(Image.fromarray(rgba))).min() == 255
+    assert np.allclose(load_rgb(np.zeros((10, 10, 4), np.float32)), 1.0)
+
+
+def test_exif_orientation_is_applied(processor):
+    image = Image.fromarray(gradient(400, 200))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", exif=exif.tobytes())
+    loaded = load_rgb(buf.getvalue())
+    assert loaded.size == (200, 400)
+    assert processor(buf.getvalue())["image_sizes"].tolist() == [[400, 200]]
+
+
+def test_truncated_jpeg_is_a_clear_error(processor, jpeg_bytes, tmp_path):
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(jpeg_bytes[: len(jpeg_bytes) // 2])
+    with pytest.raises(ValueError, match=r"image 1 \('.*cut.jpg'\).*(truncated|decoded|read)"):
+        processor([jpeg_bytes, str(path)])
+    # a lazily opened PIL image of the same file fails clearly too
+    with pytest.raises(ValueError, match=r"image 0 .*cut.jpg"):
+        processor(Image.open(path))
+
+
+def test_non_image_file_is_a_clear_error(processor, tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not an image at all")
+    with pytest.raises(ValueError, match=r"image 0 \('.*notes.txt'\): not an image"):
+        processor(str(path))
+    with pytest.raises(ValueError, match="no such image file"):
+        processor(str(tmp_path / "missing.png"))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((0, 10, 3), np.uint8), "empty"),
+    (np.zeros((10, 10, 7), np.uint8), "channel axis"),
+    (np.zeros((2, 2, 2, 3), np.uint8), "2 or 3 dimensions"),
+    (np.full((10, 10), 2.0, np.float32), r"\[0, 1\]"),
+    (np.full((10, 10), np.nan, np.float32), "NaN"),
+    (np.full((10, 10), 300, np.int64), "0, 255"),
+    ({"not": "an image"}, "unsupported image type dict"),
+])
+def test_bad_arrays_are_clear_errors(processor, bad, message):
+    with pytest.raises(ValueError, match=message):
+        processor(bad)
+
+
+def test_pixel_limit(tmp_path):
+    processor = LlavaUHDImageProcessor(max_pixels=1000)
+    Image.fromarray(gradient(100, 100)).save(tmp_path / "big.png")
+    with pytest.raises(ValueError, match="exceeds max_pixels=1000"):
+        processor(str(tmp_path / "big.png"))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    processor = LlavaUHDImageProcessor(max_slices=7, image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.25, 0.25],
+                                       size={"height": 224, "width": 224})
+    processor.save_pretrained(tmp_path)
+    loaded = LlavaUHDImageProcessor.from_pretrained(tmp_path)
+    assert loaded.to_dict() == processor.to_dict()
+    assert loaded.slice_config == processor.slice_config
+    image = Image.fromarray(gradient(900, 500))
+    np.testing.assert_array_equal(loaded(image)["pixel_values"], processor(image)["pixel_values"])
+
+
+def test_normalization_settings(processor):
+    image = Image.new("RGB", (336, 336), (255, 0, 128))
+    raw = LlavaUHDImageProcessor(do_normalize=False, do_rescale=False)(image)["pixel_values"]
+    assert np.allclose(raw.reshape(-1, 3, 196)[:, 0], 255) and np.allclose(raw.reshape(-1, 3, 196)[:, 1], 0)
+    out = processor(image)["pixel_values"].reshape(-1, 3, 196)
+    assert np.allclose(out[:, 0], (1.0 - OPENAI_CLIP_MEAN[0]) / OPENAI_CLIP_STD[0], atol=1e-5)
