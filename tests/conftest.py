@@ -21,3 +21,82 @@ def jpeg_bytes(rng) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------- tiny models
+TINY_SLICE = 28  # native slice size of the tiny towers (2x2 patches of 14)
+
+
+def build_tiny_tokenizer(with_image_token: bool = True):
+    """A byte-level BPE tokenizer trained here (no downloads), with the image token added unless told not to."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from llava_uhd.processing import LlavaUHDProcessor
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = ["A chat between a curious human and an artificial intelligence assistant. USER: What colour is the "
+              "shape? How many circles are there? ASSISTANT: red, green, blue, three\n"] * 20
+    tok.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        padding_side="left")
+    return LlavaUHDProcessor.add_image_token(tokenizer) if with_image_token else tokenizer
+
+
+def tiny_vision_config(kind: str = "clip"):
+    from transformers import CLIPVisionConfig, Dinov2Config, SiglipVisionConfig
+
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=14,
+                  image_size=TINY_SLICE)
+    if kind == "clip":
+        return CLIPVisionConfig(**common)
+    if kind == "siglip":
+        return SiglipVisionConfig(**common)
+    if kind == "dinov2":
+        return Dinov2Config(**{**common, "mlp_ratio": 2})
+    raise ValueError(kind)
+
+
+def tiny_text_config(vocab_size: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512)
+
+
+def build_tiny(kind: str = "clip", **settings):
+    """(model, processor) of a tiny random LLaVA-UHD; ``settings`` are LlavaUHDConfig fields."""
+    import torch
+
+    from llava_uhd import LlavaUHDConfig, LlavaUHDForConditionalGeneration
+    from llava_uhd.image_processing import LlavaUHDImageProcessor
+    from llava_uhd.processing import LlavaUHDProcessor
+
+    settings = {"num_queries": 4, **settings}
+    tokenizer = build_tiny_tokenizer()
+    image_processor = LlavaUHDImageProcessor(
+        size={"height": TINY_SLICE, "width": TINY_SLICE}, patch_size=14, max_slices=settings.get("max_slices", 6),
+        image_strategy=settings.get("image_strategy", "uhd"), fixed_grid=settings.get("fixed_grid", (2, 2)))
+    processor = LlavaUHDProcessor(
+        image_processor, tokenizer, num_queries=settings["num_queries"],
+        projector=settings.get("projector", "resampler"), spatial_schema=settings.get("spatial_schema", True),
+        overview_position=settings.get("overview_position", "after"))
+    torch.manual_seed(0)
+    config = LlavaUHDConfig(vision_config=tiny_vision_config(kind).to_dict(),
+                            text_config=tiny_text_config(len(tokenizer) - 1).to_dict(),
+                            image_token_id=processor.image_token_id, **settings)
+    return LlavaUHDForConditionalGeneration(config).eval(), processor
+
+
+def random_image(width: int, height: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()

@@ -20,12 +20,17 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
-from .slicing import SliceConfig, SlicePlan, plan_slices
+from .slicing import SliceConfig, SlicePlan, plan_fixed_grid, plan_slices
 
-__all__ = ["LlavaUHDImageProcessor", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "load_rgb"]
+__all__ = ["LlavaUHDImageProcessor", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "load_rgb",
+           "vision_image_stats"]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _WIDE_INT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
@@ -207,6 +212,9 @@ class LlavaUHDImageProcessor(BaseImageProcessor):
         resample (`int`, defaults to ``PIL.Image.BICUBIC``): resampling filter (PIL filters are antialiased).
         do_rescale, rescale_factor: scale 8-bit pixel values by ``1/255`` (float inputs must already be in [0, 1]).
         do_normalize, image_mean, image_std: normalization (CLIP's mean and std by default).
+        image_strategy (`str`, defaults to ``"uhd"``): ``"uhd"`` (the LLaVA-UHD plan), ``"pad"`` (LLaVA-1.5: pad to a
+            square with the mean colour, resize to the native size: one crop) or ``"fixed_grid"`` (a fixed
+            ``fixed_grid = (cols, rows)`` grid of aspect-keeping slices plus the overview), for the paper's ablations.
 
     Returns from `preprocess` / `__call__` a `BatchFeature` with, for ``B`` images cut into ``K`` crops in all (each
     image's slices row-major, then its overview) holding ``P`` patches in all:
@@ -237,6 +245,8 @@ class LlavaUHDImageProcessor(BaseImageProcessor):
         do_normalize: bool = True,
         image_mean: tuple[float, float, float] | list[float] = OPENAI_CLIP_MEAN,
         image_std: tuple[float, float, float] | list[float] = OPENAI_CLIP_STD,
+        image_strategy: str = "uhd",
+        fixed_grid: tuple[int, int] | list[int] = (2, 2),
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -250,6 +260,10 @@ class LlavaUHDImageProcessor(BaseImageProcessor):
         self.do_normalize = do_normalize
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
+        if image_strategy not in ("uhd", "pad", "fixed_grid"):
+            raise ValueError(f"image_strategy must be 'uhd', 'pad' or 'fixed_grid', got {image_strategy!r}")
+        self.image_strategy = image_strategy
+        self.fixed_grid = [int(v) for v in fixed_grid]
         self.slice_config  # validate now, not at the first image
 
     @property
@@ -272,7 +286,29 @@ class LlavaUHDImageProcessor(BaseImageProcessor):
         config = self.slice_config
         if max_slices is not None:
             config = SliceConfig(**{**asdict(config), "max_slices": max_slices})
+        if self.image_strategy == "pad":
+            side = max(width, height)  # the padded square, one view at the native size
+            return plan_slices(side, side, config, max_slices=1)
+        if self.image_strategy == "fixed_grid":
+            cols, rows = self.fixed_grid
+            return plan_fixed_grid(width, height, min(cols, width), min(rows, height), config)
         return plan_slices(width, height, config)
+
+    def _pad_to_square(self, image: Image.Image | np.ndarray) -> Image.Image | np.ndarray:
+        """LLaVA-1.5's `expand2square`: centre the image on a square filled with the mean colour."""
+        mean = np.asarray(self.image_mean, dtype=np.float32)
+        if isinstance(image, Image.Image):
+            w, h = image.size
+            side = max(w, h)
+            canvas = Image.new("RGB", (side, side), tuple(int(v * 255) for v in mean))
+            canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+            return canvas
+        h, w = image.shape[:2]
+        side = max(w, h)
+        canvas = np.empty((side, side, 3), np.float32)
+        canvas[:] = mean
+        canvas[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = image
+        return canvas
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -301,6 +337,8 @@ class LlavaUHDImageProcessor(BaseImageProcessor):
             eight_bit = isinstance(working, Image.Image)
             width, height = working.size if eight_bit else (working.shape[1], working.shape[0])
             plan = self.plan(width, height, max_slices)
+            if self.image_strategy == "pad":
+                working = self._pad_to_square(working)
             for crop in plan.crops:
                 pixels = _resize_crop(working, crop.box, crop.size, self.resample)
                 if eight_bit and self.do_rescale:
@@ -326,6 +364,31 @@ class LlavaUHDImageProcessor(BaseImageProcessor):
 
     def __call__(self, images, **kwargs) -> BatchFeature:
         return self.preprocess(images, **kwargs)
+
+
+def vision_image_stats(name_or_path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) a vision checkpoint expects: from its preprocessor config where it has one, else the
+    family's standard values (CLIP's; ImageNet's for DINOv2; 0.5 for SigLIP)."""
+    import json
+
+    from transformers import AutoConfig
+    from transformers.utils import cached_file
+
+    try:
+        path = cached_file(name_or_path, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+    except OSError:
+        path = None
+    if path:
+        with open(path) as f:
+            cfg = json.load(f)
+        if "image_mean" in cfg and "image_std" in cfg:
+            return tuple(cfg["image_mean"]), tuple(cfg["image_std"])
+    model_type = AutoConfig.from_pretrained(name_or_path).model_type
+    if model_type.startswith("dinov2"):
+        return IMAGENET_MEAN, IMAGENET_STD
+    if model_type.startswith("siglip"):
+        return SIGLIP_MEAN, SIGLIP_STD
+    return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
 def _flatten(images) -> list:

@@ -32,6 +32,7 @@ __all__ = [
     "Slice",
     "SlicePlan",
     "plan_slices",
+    "plan_fixed_grid",
     "choose_grid",
     "fit_to_patches",
     "partition",
@@ -289,15 +290,28 @@ def plan_slices(width: int, height: int, config: SliceConfig | None = None, **ov
     config = config or SliceConfig()
     if overrides:
         config = SliceConfig(**{**asdict(config), **overrides})
-    cols, rows = choose_grid(width, height, config)
+    return _plan_from_grid(width, height, *choose_grid(width, height, config), config)
+
+
+def plan_fixed_grid(width: int, height: int, cols: int, rows: int, config: SliceConfig | None = None) -> SlicePlan:
+    """A plan with a fixed ``cols x rows`` grid whatever the image (the paper's "fixed 2x2 grid" ablation).
+
+    Slices still keep their own aspect ratio when resized; an overview is added unless the grid is ``1 x 1``.
+    """
+    config = config or SliceConfig()
+    _check_size(width, height, config)
+    if cols < 1 or rows < 1 or cols > width or rows > height:
+        raise ValueError(f"a {cols}x{rows} grid does not fit a {width}x{height} image")
+    return _plan_from_grid(width, height, cols, rows, config)
+
+
+def _plan_from_grid(width: int, height: int, cols: int, rows: int, config: SliceConfig) -> SlicePlan:
     p = config.patch_size
+    whole = Slice((0, 0, width, height), fit_to_patches(width, height, config), p)
     if cols * rows == 1:
-        whole = Slice((0, 0, width, height), fit_to_patches(width, height, config), p)
         return SlicePlan(width, height, 1, 1, (whole,), None, config)
     slices = []
     for top, bottom in partition(height, rows):
         for left, right in partition(width, cols):
-            size = fit_to_patches(right - left, bottom - top, config)
-            slices.append(Slice((left, top, right, bottom), size, p))
-    overview = Slice((0, 0, width, height), fit_to_patches(width, height, config), p)
-    return SlicePlan(width, height, cols, rows, tuple(slices), overview, config)
+            slices.append(Slice((left, top, right, bottom), fit_to_patches(right - left, bottom - top, config), p))
+    return SlicePlan(width, height, cols, rows, tuple(slices), whole, config)

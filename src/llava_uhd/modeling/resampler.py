@@ -1,0 +1,259 @@
+"""The compression layer of LLaVA-UHD: a shared perceiver resampler (paper Sec. 3.2).
+
+Every slice (and the overview image) is encoded by the ViT into ``h_p * w_p`` patch features; the resampler
+compresses each of them, independently, to a fixed number of tokens (64 by default) of the LLM's width, so the
+LLM's token count does not grow with the slice's size.
+
+Structure (MiniCPM-V / Qwen-VL style, one cross-attention layer)::
+
+    q   = ln_q(query)                                  # (Q, hidden), learnable, shared by all crops
+    x   = ln_kv(kv_proj(features))                     # (n, hidden), n = h_p * w_p
+    k   = x + pos_embed(h_p, w_p)                      # 2D sin-cos embedding of the crop's OWN grid
+    v   = x
+    out = ln_post(MultiheadAttention(q, k, v)) @ proj  # (Q, hidden)
+
+Position embedding
+------------------
+``get_2d_sincos_pos_embed`` is the MAE 2D sin-cos embedding evaluated on the crop's own ``(h_p, w_p)`` patch
+grid. The coordinates are the **raw patch indices** ``0 .. w_p-1`` (column) and ``0 .. h_p-1`` (row), not
+normalized ones: this is what MAE (and MiniCPM-V) do, so a 24x24 grid reproduces MAE's
+``get_2d_sincos_pos_embed(d, 24)`` exactly, and a patch at a given (row, column) gets the same embedding
+whatever the size of its slice (slices are all about the ViT's native area, so the index ranges are comparable).
+As in MAE, the first half of the channels encodes the column index and the second half the row index; each half
+is ``[sin(pos * omega), cos(pos * omega)]`` with ``omega_i = 1 / 10000 ** (i / (d / 4))``,
+``i = 0 .. d/4 - 1`` (i.e. ``1/10000^(2i/(d/2))`` in the usual notation). The authors' release always used a
+24x24 table whatever the slice's grid; here the table is built for the slice's own grid. The table is
+computed in float64, stored in float32 (cached per grid and device) and cast to the activations' dtype.
+
+Batching
+--------
+Inputs are packed: ``features`` ``(P, D_v)`` holds all crops of a batch back to back and ``patch_grid_hw``
+``(K, 2)`` gives each crop's ``(h_p, w_p)``; crop ``k`` owns the next ``h_p * w_p`` rows (row-major patches).
+The per-token work (``kv_proj``, ``ln_kv``) runs once over the packed rows. For the attention, the default
+``batching="group"`` groups the crops whose grids are equal into one dense ``(G, h_p * w_p, hidden)`` batch and
+runs one attention call per distinct grid: no padding, no mask, results exact, and in LLaVA-UHD the slices of
+an image share one grid (plus the overview), so the number of calls is small. ``batching="pad"`` instead pads
+every crop to the longest one and runs a single attention call with a ``key_padding_mask`` (padded keys are
+masked out, so results match the grouped path up to float rounding); it wins when a batch holds many distinct
+grids. No crop ever attends to another crop's features.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["get_2d_sincos_pos_embed", "PerceiverResampler", "check_packed_inputs"]
+
+
+def _sincos_1d(embed_dim: int, pos: Tensor) -> Tensor:
+    """MAE 1D sin-cos embedding of positions ``pos`` (any shape, flattened): ``(len, embed_dim)`` float64."""
+    omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000.0**omega
+    out = pos.reshape(-1).to(torch.float64)[:, None] * omega[None, :]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_hw) -> Tensor:
+    """2D sin-cos position embedding of an ``h x w`` patch grid: ``(h * w, embed_dim)`` float32.
+
+    Rows are in row-major patch order (row ``r``, column ``c`` at index ``r * w + c``). Coordinates are raw patch
+    indices (MAE convention); channels ``[:embed_dim // 2]`` encode the column index and
+    ``[embed_dim // 2:]`` the row index, each as ``[sin, cos]`` at frequencies ``1 / 10000 ** (2i / (d / 2))``.
+    For a square grid this equals MAE's ``get_2d_sincos_pos_embed(embed_dim, n)``.
+
+    Args:
+        embed_dim: number of channels, a positive multiple of 4.
+        grid_hw: ``(h, w)`` in patches, or an int ``n`` for an ``n x n`` grid.
+    """
+    if isinstance(grid_hw, int):
+        h = w = grid_hw
+    else:
+        h, w = (int(v) for v in grid_hw)
+    if embed_dim <= 0 or embed_dim % 4 != 0:
+        raise ValueError(f"embed_dim must be a positive multiple of 4, got {embed_dim}")
+    if h <= 0 or w <= 0:
+        raise ValueError(f"grid must have positive sides, got (h, w) = ({h}, {w})")
+    rows = torch.arange(h, dtype=torch.float64)[:, None].expand(h, w)
+    cols = torch.arange(w, dtype=torch.float64)[None, :].expand(h, w)
+    emb = torch.cat([_sincos_1d(embed_dim // 2, cols), _sincos_1d(embed_dim // 2, rows)], dim=1)
+    return emb.to(torch.float32)
+
+
+def check_packed_inputs(features: Tensor, patch_grid_hw: Tensor, vision_dim: int) -> list[tuple[int, int]]:
+    """Validate packed inputs and return the crops' grids as a list of ``(h_p, w_p)`` ints.
+
+    Raises `ValueError` when ``features`` is not ``(P, vision_dim)``, ``patch_grid_hw`` is not a ``(K, 2)`` integer
+    tensor of positive sizes, or ``P != sum(h_p * w_p)``.
+    """
+    if not isinstance(features, Tensor) or features.dim() != 2:
+        shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        raise ValueError(f"features must be a 2D tensor (P, vision_dim), got {shape}")
+    if features.shape[1] != vision_dim:
+        raise ValueError(
+            f"features have width {features.shape[1]} but the module expects vision_dim = {vision_dim}"
+        )
+    grid = torch.as_tensor(patch_grid_hw)
+    if grid.dim() != 2 or grid.shape[1] != 2:
+        raise ValueError(f"patch_grid_hw must have shape (K, 2), got {tuple(grid.shape)}")
+    if grid.is_floating_point() or grid.is_complex() or grid.dtype == torch.bool:
+        raise ValueError(f"patch_grid_hw must be an integer tensor, got dtype {grid.dtype}")
+    grids = [(int(h), int(w)) for h, w in grid.tolist()]
+    bad = [g for g in grids if g[0] <= 0 or g[1] <= 0]
+    if bad:
+        raise ValueError(f"patch_grid_hw must hold positive (h_p, w_p), got {bad[0]}")
+    total = sum(h * w for h, w in grids)
+    if features.shape[0] != total:
+        raise ValueError(
+            f"features have {features.shape[0]} rows but patch_grid_hw accounts for sum(h_p * w_p) = {total} "
+            f"over {len(grids)} crops"
+        )
+    return grids
+
+
+class PerceiverResampler(nn.Module):
+    """Compress each crop's ``h_p * w_p`` ViT features to ``num_queries`` tokens of width ``hidden_size``.
+
+    Args:
+        vision_dim: width ``D_v`` of the ViT features.
+        hidden_size: output width (the LLM's hidden size); must be a multiple of 4 and of ``num_heads``.
+        num_queries: number of learnable queries = output tokens per crop (64 in the paper).
+        num_heads: attention heads; default ``max(1, hidden_size // 128)``.
+        batching: ``"group"`` (one dense attention call per distinct grid, default) or ``"pad"`` (one call,
+            crops padded to the longest with a key padding mask). See the module docstring.
+    """
+
+    def __init__(
+        self,
+        vision_dim: int,
+        hidden_size: int,
+        num_queries: int = 64,
+        num_heads: int | None = None,
+        batching: str = "group",
+    ):
+        super().__init__()
+        if num_heads is None:
+            num_heads = max(1, hidden_size // 128)
+        if vision_dim <= 0 or hidden_size <= 0 or num_queries <= 0 or num_heads <= 0:
+            raise ValueError(
+                "vision_dim, hidden_size, num_queries and num_heads must be positive, got "
+                f"{vision_dim}, {hidden_size}, {num_queries}, {num_heads}"
+            )
+        if hidden_size % 4 != 0:
+            raise ValueError(f"hidden_size must be a multiple of 4 (2D sin-cos embedding), got {hidden_size}")
+        if hidden_size % num_heads != 0:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if batching not in ("group", "pad"):
+            raise ValueError(f"batching must be 'group' or 'pad', got {batching!r}")
+        self.vision_dim = vision_dim
+        self.hidden_size = hidden_size
+        self.num_queries = num_queries
+        self.num_heads = num_heads
+        self.batching = batching
+
+        self.query = nn.Parameter(torch.empty(num_queries, hidden_size))
+        self.kv_proj = nn.Linear(vision_dim, hidden_size, bias=False)
+        self.ln_q = nn.LayerNorm(hidden_size)
+        self.ln_kv = nn.LayerNorm(hidden_size)
+        self.attn = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        self.ln_post = nn.LayerNorm(hidden_size)
+        self.proj = nn.Parameter(torch.empty(hidden_size, hidden_size))
+        # Not a buffer: derived data, never saved in a checkpoint. Keyed by (h, w, device).
+        self._pos_cache: dict[tuple[int, int, torch.device], Tensor] = {}
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialize: trunc-normal(0.02) query and Linear weights, zero biases, unit LayerNorms,
+        ``proj ~ hidden**-0.5 * randn``; the attention's packed in-projection keeps PyTorch's xavier init."""
+        nn.init.trunc_normal_(self.query, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        with torch.no_grad():
+            self.proj.copy_(self.hidden_size**-0.5 * torch.randn(self.hidden_size, self.hidden_size))
+
+    def extra_repr(self) -> str:
+        return (
+            f"vision_dim={self.vision_dim}, hidden_size={self.hidden_size}, num_queries={self.num_queries}, "
+            f"num_heads={self.num_heads}, batching={self.batching!r}"
+        )
+
+    def tokens_per_crop(self, grid_hw=None) -> int:
+        """Output tokens per crop: ``num_queries`` whatever the grid."""
+        return self.num_queries
+
+    def pos_embed(self, h: int, w: int, device=None, dtype=None) -> Tensor:
+        """Sin-cos embedding of an ``h x w`` grid, ``(h * w, hidden_size)``, cached in float32 per grid/device."""
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        key = (int(h), int(w), device)
+        emb = self._pos_cache.get(key)
+        if emb is None:
+            emb = get_2d_sincos_pos_embed(self.hidden_size, (h, w)).to(device)
+            self._pos_cache[key] = emb
+        return emb if dtype is None else emb.to(dtype)
+
+    def _attend(self, x: Tensor, pos: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """Cross-attention of the queries to a dense batch ``x`` (B, L, hidden) -> (B, Q, hidden)."""
+        q = self.ln_q(self.query).unsqueeze(0).expand(x.shape[0], -1, -1)
+        out, _ = self.attn(q, x + pos, x, key_padding_mask=key_padding_mask, need_weights=False)
+        return self.ln_post(out) @ self.proj
+
+    def forward(self, features: Tensor, patch_grid_hw: Tensor) -> Tensor:
+        """Compress packed crops.
+
+        Args:
+            features: ``(P, vision_dim)`` ViT features of all crops, concatenated.
+            patch_grid_hw: ``(K, 2)`` integer ``(h_p, w_p)`` per crop; ``P == sum(h_p * w_p)``.
+
+        Returns:
+            ``(K, num_queries, hidden_size)``.
+        """
+        grids = check_packed_inputs(features, patch_grid_hw, self.vision_dim)
+        dtype = self.kv_proj.weight.dtype
+        device = features.device
+        K, Q, H = len(grids), self.num_queries, self.hidden_size
+        x = self.ln_kv(self.kv_proj(features.to(dtype)))  # (P, hidden), per-token work once over all rows
+        if K == 0:
+            return x.new_zeros(0, Q, H)
+
+        counts = [h * w for h, w in grids]
+        starts = [0] * K
+        for k in range(1, K):
+            starts[k] = starts[k - 1] + counts[k - 1]
+
+        if self.batching == "pad" and len(set(grids)) > 1:
+            L = max(counts)
+            ar = torch.arange(L, device=device)
+            cnt = torch.tensor(counts, device=device)
+            st = torch.tensor(starts, device=device)
+            valid = ar[None, :] < cnt[:, None]  # (K, L)
+            idx = torch.where(valid, st[:, None] + ar[None, :], torch.zeros((), dtype=torch.long, device=device))
+            xb = x[idx]  # (K, L, hidden); padded rows are arbitrary and masked out below
+            pos = x.new_zeros(K, L, H)
+            for g in set(grids):
+                ks = [k for k in range(K) if grids[k] == g]
+                pos[ks, : g[0] * g[1]] = self.pos_embed(*g, device=device, dtype=x.dtype)
+            return self._attend(xb, pos, key_padding_mask=~valid)
+
+        out = x.new_empty(K, Q, H)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for k, g in enumerate(grids):
+            groups.setdefault(g, []).append(k)
+        for (h, w), ks in groups.items():
+            n = h * w
+            st = torch.tensor([starts[k] for k in ks], device=device)
+            idx = st[:, None] + torch.arange(n, device=device)[None, :]  # (G, n)
+            pos = self.pos_embed(h, w, device=device, dtype=x.dtype).unsqueeze(0)
+            out[torch.tensor(ks, device=device)] = self._attend(x[idx], pos)
+        return out
+
+    def forward_split(self, features: Tensor, patch_grid_hw: Tensor) -> list[Tensor]:
+        """Same as `forward`, as a list of K tensors ``(num_queries, hidden_size)`` (one per crop)."""
+        return list(self.forward(features, patch_grid_hw).unbind(0))

@@ -1,0 +1,118 @@
+import numpy as np
+import pytest
+import torch
+from conftest import build_tiny_tokenizer, random_image
+
+from llava_uhd.image_processing import LlavaUHDImageProcessor
+from llava_uhd.processing import IGNORE_INDEX, LlavaUHDProcessor, image_token_layout
+from llava_uhd.slicing import plan_slices
+
+
+@pytest.fixture
+def processor(tiny_tokenizer):
+    return LlavaUHDProcessor(LlavaUHDImageProcessor(), tiny_tokenizer)
+
+
+def count(ids, token):
+    return int((torch.as_tensor(ids) == token).sum())
+
+
+def test_layout_672x1008(processor):
+    out = processor(images=random_image(672, 1008), text="USER: <image>\nWhat? ASSISTANT:")
+    ids = out["input_ids"][0]
+    prompt_ids = processor(text="USER: \nWhat? ASSISTANT:")["input_ids"][0]
+    assert count(ids, processor.image_token_id) == 6 * 64 + 64
+    # 3 "," and 3 "\n" from the schema (the prompt's own newline and commas are counted separately)
+    assert count(ids, processor.comma_id) - count(prompt_ids, processor.comma_id) == 3
+    assert count(ids, processor.newline_id) - count(prompt_ids, processor.newline_id) == 3
+    assert len(ids) - len(prompt_ids) == 454 == plan_slices(672, 1008).num_tokens(64)
+    assert processor.num_image_tokens(672, 1008) == 454
+
+
+def test_layout_order_row_major_with_overview_last():
+    ids = image_token_layout(3, 2, [2] * 6 + [3], 9, 1, 0)
+    assert ids == [9, 9, 1, 9, 9, 0] * 3 + [9, 9, 9]
+    assert image_token_layout(3, 2, [2] * 6 + [3], 9, 1, 0, overview_position="before")[:3] == [9, 9, 9]
+    assert image_token_layout(3, 2, [2] * 6 + [3], 9, 1, 0, spatial_schema=False) == [9] * 15
+    assert image_token_layout(1, 1, [5], 9, 1, 0) == [9] * 5
+    with pytest.raises(ValueError, match="has 7 crops"):
+        image_token_layout(3, 2, [2] * 6, 9, 1, 0)
+
+
+def test_separators_are_the_tokenizers_own(processor, tiny_tokenizer):
+    assert tiny_tokenizer.decode([processor.comma_id]) == ","
+    assert tiny_tokenizer.decode([processor.newline_id]) == "\n"
+
+
+def test_no_spatial_schema_and_mlp_counts(tiny_tokenizer):
+    image = random_image(672, 1008)
+    plain = LlavaUHDProcessor(LlavaUHDImageProcessor(), tiny_tokenizer, spatial_schema=False)
+    assert plain.num_image_tokens(672, 1008) == 448
+    mlp = LlavaUHDProcessor(LlavaUHDImageProcessor(), tiny_tokenizer, projector="mlp")
+    out = mlp(images=image, text="<image>")
+    assert count(out["input_ids"][0], mlp.image_token_id) == plan_slices(672, 1008).num_patches
+
+
+def test_labels_cover_only_answers(processor, tiny_tokenizer):
+    out = processor(images=[random_image(500, 300), random_image(100, 100)],
+                    text=["USER: <image>\nWhat colour? ASSISTANT:", "USER: <image>\nHow many? ASSISTANT:"],
+                    answers=["red", "three circles"], padding_side="right")
+    for row, answer in zip(range(2), ["red", "three circles"]):
+        labels = out["labels"][row]
+        kept = labels[labels != IGNORE_INDEX].tolist()
+        assert tiny_tokenizer.decode(kept) == answer + tiny_tokenizer.eos_token
+        image_positions = out["input_ids"][row] == processor.image_token_id
+        assert (labels[image_positions] == IGNORE_INDEX).all()
+        # answer tokens sit at the end of the real tokens, where input_ids hold the same ids
+        assert torch.equal(out["input_ids"][row][labels != IGNORE_INDEX], labels[labels != IGNORE_INDEX])
+    assert (out["labels"][out["attention_mask"] == 0] == IGNORE_INDEX).all()
+
+
+def test_left_padding_and_multiple_images_per_prompt(processor):
+    out = processor(images=[random_image(700, 300), random_image(60, 60), random_image(300, 900)],
+                    text=["<image> and <image>: same?", "<image> what?"])
+    assert out["attention_mask"][:, -1].tolist() == [1, 1]  # left padded
+    per_image = [processor.num_image_tokens(700, 300), processor.num_image_tokens(60, 60),
+                 processor.num_image_tokens(300, 900)]
+    assert count(out["input_ids"][0], processor.image_token_id) + count(out["input_ids"][1], processor.image_token_id) \
+        == sum(processor.tokens_per_crop(g) for g in out["patch_grid_hw"])
+    assert out["crop_image_ids"].max() == 2 and len(per_image) == 3
+
+
+def test_placeholder_count_mismatch(processor):
+    with pytest.raises(ValueError, match="1 <image> placeholder.*2 image"):
+        processor(images=[random_image(50, 50), random_image(50, 50)], text="<image> hi")
+    with pytest.raises(ValueError, match="0 <image> placeholder.*1 image"):
+        processor(images=random_image(50, 50), text="hi")
+
+
+def test_missing_image_token_is_a_clear_error():
+    tokenizer = build_tiny_tokenizer()
+    with pytest.raises(ValueError, match="add_image_token"):
+        LlavaUHDProcessor(LlavaUHDImageProcessor(), tokenizer, image_token="<img-not-there>")
+
+
+def test_save_load_round_trip(processor, tmp_path):
+    from transformers import AutoProcessor
+
+    import llava_uhd  # noqa: F401  (registers the Auto classes)
+    from llava_uhd import LlavaUHDConfig
+
+    processor.save_pretrained(tmp_path)
+    LlavaUHDConfig(vision_config={"model_type": "clip_vision_model", "image_size": 336, "patch_size": 14},
+                   text_config={"model_type": "llama"}).save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is LlavaUHDProcessor
+    assert (loaded.num_queries, loaded.image_token_id, loaded.comma_id) == \
+        (processor.num_queries, processor.image_token_id, processor.comma_id)
+    kwargs = dict(images=random_image(900, 400), text="USER: <image>\nWhat? ASSISTANT:")
+    a, b = processor(**kwargs), loaded(**kwargs)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_chat_template_renders_vicuna(processor):
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text.endswith(" USER: <image>\nWhat colour? ASSISTANT:")
+    assert text.startswith("A chat between a curious human")

@@ -1,0 +1,383 @@
+"""Tests of the adaptive vision encoder on tiny random CLIP / SigLIP / DINOv2 towers."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from transformers import (  # noqa: E402
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+
+from llava_uhd.image_processing import patchify, unpatchify  # noqa: E402
+from llava_uhd.modeling.vision import AdaptiveVisionEncoder, interpolate_pos_embed  # noqa: E402
+
+PATCH = 7
+IMAGE = 28  # native grid 4x4
+TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, image_size=IMAGE, patch_size=PATCH)
+# Several grids, 1xN and Nx1 included, the native one twice so a bucket holds more than one crop.
+GRIDS = [(4, 4), (2, 6), (1, 5), (6, 1), (3, 5), (4, 4), (1, 1), (2, 6)]
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def clip_config(**kw):
+    return CLIPVisionConfig(intermediate_size=64, **{**TINY, **kw})
+
+
+def siglip_config(**kw):
+    return SiglipVisionConfig(intermediate_size=64, **{**TINY, **kw})
+
+
+def dinov2_config(**kw):
+    # layerscale_value != 1 so the test sees that the tower's layer scale is applied
+    return Dinov2Config(mlp_ratio=2, layerscale_value=0.5, **{**TINY, **kw})
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    return AdaptiveVisionEncoder.from_config(clip_config())
+
+
+@pytest.fixture(scope="module")
+def siglip():
+    torch.manual_seed(1)
+    return AdaptiveVisionEncoder.from_config(siglip_config())
+
+
+@pytest.fixture(scope="module")
+def dinov2():
+    torch.manual_seed(2)
+    return AdaptiveVisionEncoder.from_config(dinov2_config())
+
+
+def random_crops(grids, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = sum(h * w for h, w in grids)
+    return torch.randn(rows, 3 * PATCH * PATCH, generator=g), torch.tensor(grids, dtype=torch.int64)
+
+
+def image_to_packed(images):
+    """(B, 3, H, W) to packed patches via the image processor's own `patchify`."""
+    return torch.from_numpy(np.concatenate([patchify(im.numpy(), PATCH) for im in images]))
+
+
+def encode_one_by_one(encoder, pixel_values, grids):
+    out, start = [], 0
+    for h, w in grids:
+        out.append(encoder(pixel_values[start:start + h * w], torch.tensor([[h, w]])))
+        start += h * w
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------- native grid
+# The patch embedding runs the tower's conv kernel over a batch of patches: on the CPU the same sums in the same
+# order as the tower's conv over the image, so a native-size crop is bitwise identical to the tower's output.
+# `test_native_grid_is_bitwise_with_exact_patch_sums` also holds when the patch sums are exact.
+def hf_patch_tokens(encoder, images, prefix, **kw):
+    hidden = encoder.vision_model(pixel_values=images, output_hidden_states=True, **kw).hidden_states[-2]
+    return hidden[:, prefix:].reshape(-1, hidden.shape[-1])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name, prefix", [("clip", 1), ("siglip", 0), ("dinov2", 1)])
+def test_native_grid_matches_hf(name, prefix, request):
+    enc = request.getfixturevalue(name)
+    images = torch.randn(3, 3, IMAGE, IMAGE)
+    out = enc(image_to_packed(images), torch.tensor([[4, 4]] * 3))
+    ref = hf_patch_tokens(enc, images, prefix)
+    assert out.shape == (3 * 16, 32)
+    assert torch.equal(out, ref)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("make_config, prefix", [(clip_config, 1), (siglip_config, 0), (dinov2_config, 1)])
+def test_native_grid_is_bitwise_with_exact_patch_sums(make_config, prefix):
+    torch.manual_seed(8)
+    enc = AdaptiveVisionEncoder.from_config(make_config())
+    conv = enc._patch_conv
+    # Dyadic weights times small-integer pixels: every partial sum is exact in float32, in any order.
+    conv.weight.copy_(torch.randint(-8, 9, conv.weight.shape) / 64.0)
+    if conv.bias is not None:
+        conv.bias.copy_(torch.randint(-8, 9, conv.bias.shape) / 64.0)
+    images = torch.randint(-4, 5, (2, 3, IMAGE, IMAGE)).float()
+    out = enc(image_to_packed(images), torch.tensor([[4, 4]] * 2))
+    assert torch.equal(out, hf_patch_tokens(enc, images, prefix))
+
+
+@torch.no_grad()
+def test_clip_other_grids_match_hf_interpolation(clip):
+    # HF's own interpolate_pos_encoding is the same bicubic, align_corners=False (in float32 here).
+    for h, w in [(6, 6), (2, 6), (5, 3)]:
+        image = torch.randn(1, 3, h * PATCH, w * PATCH)
+        out = clip(image_to_packed(image), torch.tensor([[h, w]]))
+        assert rel_err(out, hf_patch_tokens(clip, image, 1, interpolate_pos_encoding=True)) < 1e-5
+
+
+@torch.no_grad()
+def test_dinov2_with_registers_drops_registers():
+    torch.manual_seed(3)
+    config = Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=2, **TINY)
+    enc = AdaptiveVisionEncoder.from_config(config)
+    assert enc.num_prefix_tokens == 3
+    images = torch.randn(2, 3, IMAGE, IMAGE)
+    out = enc(image_to_packed(images), torch.tensor([[4, 4]] * 2))
+    assert out.shape == (2 * 16, 32)
+    assert rel_err(out, hf_patch_tokens(enc, images, 3)) < 1e-6
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("feature_layer", [0, 1, -1, -3])
+def test_feature_layer_selects_hidden_state(feature_layer):
+    torch.manual_seed(4)
+    enc = AdaptiveVisionEncoder.from_config(clip_config(), feature_layer=feature_layer)
+    images = torch.randn(1, 3, IMAGE, IMAGE)
+    ref = enc.vision_model(pixel_values=images, output_hidden_states=True).hidden_states[feature_layer][0, 1:]
+    assert rel_err(enc(image_to_packed(images), torch.tensor([[4, 4]])), ref) < 1e-6
+
+
+def test_feature_layer_out_of_range():
+    with pytest.raises(ValueError, match="feature_layer"):
+        AdaptiveVisionEncoder.from_config(clip_config(), feature_layer=-5)  # 3 layers: 4 hidden states
+
+
+# ------------------------------------------------------------------------------------ position interpolation
+def _cubic(x, a=-0.75):
+    x = abs(x)
+    if x <= 1:
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+    if x < 2:
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return 0.0
+
+
+def _bicubic_matrix(n_in, n_out):
+    """(n_out, n_in) float64 resampling matrix of PyTorch's bicubic, align_corners=False, borders clamped."""
+    m = np.zeros((n_out, n_in))
+    scale = n_in / n_out
+    for i in range(n_out):
+        src = (i + 0.5) * scale - 0.5
+        base = int(np.floor(src))
+        t = src - base
+        for k in range(-1, 3):
+            m[i, min(max(base + k, 0), n_in - 1)] += _cubic(k - t)
+    return m
+
+
+def reference_interpolation(pos2d, grid):
+    """Separable bicubic in numpy float64: (gh, gw, D) to (h*w, D)."""
+    gh, gw, d = pos2d.shape
+    x = np.asarray(pos2d, dtype=np.float64)
+    x = np.einsum("hi,ijd->hjd", _bicubic_matrix(gh, grid[0]), x)
+    x = np.einsum("wj,hjd->hwd", _bicubic_matrix(gw, grid[1]), x)
+    return x.reshape(-1, d)
+
+
+@pytest.mark.parametrize("grid", [(6, 6), (2, 6), (1, 5), (7, 1), (3, 3), (1, 1), (9, 13)])
+def test_interpolate_pos_embed_matches_float64_reference(grid):
+    pos = torch.randn(4, 5, 16, generator=torch.Generator().manual_seed(0))
+    out = interpolate_pos_embed(pos, grid)
+    assert out.shape == (grid[0] * grid[1], 16) and out.dtype == torch.float32
+    ref = torch.from_numpy(reference_interpolation(pos.numpy(), grid))
+    assert rel_err(out, ref) < 1e-5
+    # and float64 input stays float64, matching the same reference to round-off
+    assert rel_err(interpolate_pos_embed(pos.double(), grid), ref) < 1e-12
+
+
+def test_interpolate_pos_embed_native_grid_is_unchanged(monkeypatch):
+    pos = torch.randn(4, 4, 8)
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, "interpolate", lambda *a, **k: calls.append(1))
+    out = interpolate_pos_embed(pos, (4, 4))
+    assert not calls
+    assert torch.equal(out, pos.reshape(16, 8))
+
+
+def test_native_grid_uses_tower_embedding_without_interpolation(clip, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, "interpolate", lambda *a, **k: calls.append(1))
+    pos = clip.get_pos_embed((4, 4))
+    assert not calls
+    assert torch.equal(pos, clip.vision_model.embeddings.position_embedding.weight[1:])
+
+
+def test_interpolate_pos_embed_rejects_bad_input():
+    with pytest.raises(ValueError, match="gh, gw, D"):
+        interpolate_pos_embed(torch.randn(16, 8), (2, 2))
+    with pytest.raises(ValueError, match="positive"):
+        interpolate_pos_embed(torch.randn(4, 4, 8), (0, 3))
+
+
+def test_bf16_tower_interpolates_in_float32():
+    torch.manual_seed(5)
+    enc = AdaptiveVisionEncoder.from_config(clip_config()).to(torch.bfloat16)
+    weight = enc.vision_model.embeddings.position_embedding.weight
+    assert weight.dtype == torch.bfloat16
+    pos2d = weight[1:].reshape(4, 4, -1)
+    for grid in [(2, 6), (5, 3), (6, 6)]:
+        got = enc.get_pos_embed(grid)
+        assert got.dtype == torch.bfloat16
+        expected = interpolate_pos_embed(pos2d.float(), grid).to(torch.bfloat16)
+        assert torch.equal(got, expected)
+    # and the whole bf16 forward runs
+    pixel_values, grids = random_crops([(2, 6), (4, 4)])
+    assert enc(pixel_values, grids).dtype == torch.bfloat16
+
+
+def test_pos_embed_cache_follows_weight_updates():
+    torch.manual_seed(6)
+    enc = AdaptiveVisionEncoder.from_config(clip_config())
+    weight = enc.vision_model.embeddings.position_embedding.weight
+    first = enc.get_pos_embed((2, 6))
+    assert enc.get_pos_embed((2, 6)) is first  # cached
+    with torch.no_grad():
+        weight.mul_(2.0)  # e.g. load_state_dict / an optimizer step: in place, bumps the version counter
+    second = enc.get_pos_embed((2, 6))
+    torch.testing.assert_close(second, 2 * first)
+
+
+def test_trainable_pos_embed_gets_gradients_every_step():
+    torch.manual_seed(7)
+    enc = AdaptiveVisionEncoder.from_config(clip_config(), trainable=True)
+    pixel_values, grids = random_crops([(2, 6), (3, 5)])
+    for _ in range(2):  # a cached, graph-bound tensor would fail on the second backward
+        enc.zero_grad()
+        enc(pixel_values, grids).square().mean().backward()
+        assert enc.vision_model.embeddings.position_embedding.weight.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------- batching
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["clip", "siglip", "dinov2"])
+def test_batched_equals_one_by_one(name, request):
+    enc = request.getfixturevalue(name)
+    pixel_values, grids = random_crops(GRIDS)
+    out = enc(pixel_values, grids)
+    assert out.shape == (pixel_values.shape[0], 32) and out.dtype == torch.float32
+    single = encode_one_by_one(enc, pixel_values, GRIDS)
+    assert rel_err(out, single) < 1e-5
+    # crop by crop, too, so a crop in the middle of the packing is not off by a few rows
+    start = 0
+    for h, w in GRIDS:
+        n = h * w
+        assert rel_err(out[start:start + n], single[start:start + n]) < 1e-5
+        start += n
+
+
+@torch.no_grad()
+def test_each_crop_depends_only_on_itself(clip):
+    pixel_values, grids = random_crops(GRIDS)
+    out = clip(pixel_values, grids)
+    starts = np.cumsum([0] + [h * w for h, w in GRIDS])
+    for k in (0, 2, 3):  # a native crop sharing its bucket, a 1xN crop, an Nx1 crop
+        perturbed = pixel_values.clone()
+        perturbed[starts[k]:starts[k + 1]] += torch.randn(starts[k + 1] - starts[k], perturbed.shape[1])
+        new = clip(perturbed, grids)
+        changed = (new - out).abs().amax(dim=1) > 0
+        assert changed[starts[k]:starts[k + 1]].all()
+        assert not changed[:starts[k]].any() and not changed[starts[k + 1]:].any()
+
+
+@torch.no_grad()
+def test_packed_order_round_trips_through_patchify(clip):
+    # A crop fed as an image through the processor's patchify gives the same features as HF on that image.
+    image = torch.randn(1, 3, 3 * PATCH, 5 * PATCH)
+    packed = image_to_packed(image)
+    assert np.array_equal(unpatchify(packed.numpy(), (3, 5), PATCH), image[0].numpy())
+    out = clip(packed, torch.tensor([[3, 5]]))
+    assert rel_err(out, hf_patch_tokens(clip, image, 1, interpolate_pos_encoding=True)) < 1e-5
+
+
+def test_empty_batch(clip):
+    out = clip(torch.zeros(0, 3 * PATCH * PATCH), torch.zeros(0, 2, dtype=torch.int64))
+    assert out.shape == (0, 32)
+
+
+# ---------------------------------------------------------------------------------------------- freezing
+def test_frozen_by_default_and_stays_in_eval():
+    enc = AdaptiveVisionEncoder.from_config(dinov2_config(drop_path_rate=0.5, hidden_dropout_prob=0.5))
+    assert not enc.trainable
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc.train()
+    assert enc.training and not enc.vision_model.training  # no dropout / drop path in a frozen tower
+    pixel_values, grids = random_crops([(2, 6)])
+    torch.testing.assert_close(enc(pixel_values, grids), enc(pixel_values, grids))
+    enc.unfreeze()
+    assert enc.trainable and enc.vision_model.training
+    assert all(p.requires_grad for p in enc.parameters())
+    enc.freeze()
+    assert not enc.vision_model.training and not any(p.requires_grad for p in enc.parameters())
+
+
+def test_state_dict_has_no_duplicate_entries(clip):
+    keys = list(clip.state_dict())
+    assert all(k.startswith("vision_model.") for k in keys)
+    assert set(keys) == {"vision_model." + k for k in clip.vision_model.state_dict()}
+
+
+def test_wraps_given_tower_and_rejects_unknown():
+    tower = SiglipVisionModel(siglip_config())
+    enc = AdaptiveVisionEncoder(tower)
+    assert enc.vision_model is tower and enc.family == "siglip" and enc.num_prefix_tokens == 0
+    assert enc.native_grid == (4, 4) and enc.patch_size == PATCH and enc.hidden_size == 32
+    with pytest.raises(ValueError, match="unsupported"):
+        AdaptiveVisionEncoder(torch.nn.Linear(2, 2))
+
+
+# -------------------------------------------------------------------------------------------------- errors
+def test_row_count_mismatch(clip):
+    pixel_values, _ = random_crops([(2, 6), (3, 5)])
+    with pytest.raises(ValueError, match=r"27 patch rows .* sum\(h_p\*w_p\) = 28"):
+        clip(pixel_values, torch.tensor([[2, 6], [4, 4]]))
+
+
+def test_patch_dim_mismatch(clip):
+    with pytest.raises(ValueError, match=r"3\*p\*p = 3\*7\*7 = 147"):
+        clip(torch.randn(16, 3 * 14 * 14), torch.tensor([[4, 4]]))
+
+
+@pytest.mark.parametrize(
+    "pixel_values, grids, match",
+    [
+        (torch.randn(1, 16, 147), torch.tensor([[4, 4]]), "packed patches"),
+        (torch.randn(16, 147), torch.tensor([4, 4]), r"\(K, 2\)"),
+        (torch.randn(16, 147), torch.tensor([[4.0, 4.0]]), "integers"),
+        (torch.randn(16, 147), torch.tensor([[4, 4], [0, 3]]), "positive"),
+    ],
+)
+def test_malformed_inputs(clip, pixel_values, grids, match):
+    with pytest.raises(ValueError, match=match):
+        clip(pixel_values, grids)
+
+
+@torch.no_grad()
+def test_336_slice_through_processor_equals_clip_vision_model():
+    """A 336x336 image, processed and encoded adaptively, gives exactly CLIPVisionModel's penultimate patch tokens."""
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from llava_uhd.image_processing import LlavaUHDImageProcessor, unpatchify
+
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                             num_attention_heads=2, image_size=336, patch_size=14)).eval()
+    enc = AdaptiveVisionEncoder(tower)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (336, 336, 3), dtype=np.uint8))
+    batch = LlavaUHDImageProcessor()(image, return_tensors="pt")
+    assert batch["patch_grid_hw"].tolist() == [[24, 24]]
+    out = enc(batch["pixel_values"], batch["patch_grid_hw"])
+    pixels = torch.from_numpy(unpatchify(batch["pixel_values"].numpy(), (24, 24), 14))[None]
+    ref = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][0, 1:]
+    assert torch.equal(out, ref)
