@@ -96,6 +96,12 @@ def _cmd_cost(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .train.run import main as train_main
+
+    return train_main(args.args)
+
+
 def _cmd_example_image(args) -> int:
     from .visualize import make_example_image
 
@@ -130,6 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_cost_arguments(p)
     p.set_defaults(func=_cmd_cost)
 
+    p = sub.add_parser("train", add_help=False, help="train a stage of the two-stage recipe (see train --help)",
+                       description="Train LLaVA-UHD with the transformers Trainer (all TrainingArguments apply).")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_cmd_train)
+
+    from .data.synthetic import add_synth_arguments, run_synth
+
+    p = sub.add_parser("synth", help="generate synthetic fine-detail images with LLaVA-format questions",
+                       description="Write images of random size and aspect ratio with questions whose answers need "
+                                   "fine detail (counts, colours near corners/edges, small text, a grey-content "
+                                   "probe) as LLaVA instruction JSON, reproducibly from --seed.")
+    add_synth_arguments(p)
+    p.set_defaults(func=run_synth)
+
     p = sub.add_parser("example-image", help="write a generated example image with fine detail")
     p.add_argument("out", help="output path (PNG)")
     p.add_argument("--width", type=int, default=1008)
@@ -140,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:  # everything after `train` belongs to the Trainer's argument parser
+        from .train.run import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "max_slices", None) is not None and args.max_slices < 1:
         print("llava-uhd: --max-slices must be >= 1", file=sys.stderr)
