@@ -1,5 +1,7 @@
 """Tests of the adaptive vision encoder on tiny random CLIP / SigLIP / DINOv2 towers."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -247,6 +249,17 @@ def test_pos_embed_cache_follows_weight_updates():
     torch.testing.assert_close(second, 2 * first)
 
 
+def test_tower_built_under_inference_mode():
+    # inference tensors have no version counter: the cache is skipped rather than failing
+    with torch.inference_mode():
+        enc = make_encoder(clip_config, 9).to(torch.float64)
+        pixel_values, grids = random_crops([(2, 6), (4, 4), (2, 6)])
+        out = enc(pixel_values, grids)
+    ref = make_encoder(clip_config, 9).to(torch.float64)
+    with torch.no_grad():
+        assert rel_err(out, ref(pixel_values, grids)) < 1e-12
+
+
 def test_trainable_pos_embed_gets_gradients_every_step():
     torch.manual_seed(7)
     enc = AdaptiveVisionEncoder.from_config(clip_config(), trainable=True)
@@ -381,3 +394,313 @@ def test_336_slice_through_processor_equals_clip_vision_model():
     pixels = torch.from_numpy(unpatchify(batch["pixel_values"].numpy(), (24, 24), 14))[None]
     ref = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][0, 1:]
     assert torch.equal(out, ref)
+
+
+# ------------------------------------------------------------------------------------ length buckets, varlen
+from llava_uhd.modeling import vision as vision_module  # noqa: E402
+from llava_uhd.modeling.vision import PACKED_ATTENTION_NAME, packed_attention_forward  # noqa: E402
+
+# Grids of equal patch counts (16: 4x4, 2x8, 8x2, 16x1, 1x16; 15: 3x5, 5x3, 1x15) mixed with the ones above.
+MIXED_GRIDS = GRIDS + [(2, 8), (8, 2), (16, 1), (5, 3), (1, 16), (1, 15), (3, 5)]
+
+
+def count_layer_calls(encoder):
+    calls = []
+    handle = encoder._layers[0].register_forward_pre_hook(lambda module, args: calls.append(1))
+    return calls, handle
+
+
+def make_encoder(make_config, seed, **kw):
+    torch.manual_seed(seed)
+    return AdaptiveVisionEncoder.from_config(make_config(), **kw)
+
+
+def skip_unless_layers_forward_kwargs(enc):
+    # DINOv2's layers take keyword arguments only from transformers 5.18 or so (5.17 has `forward(hidden_states)`)
+    if not enc._probe_varlen():
+        pytest.skip(f"{type(enc._layers[0]).__name__} does not forward kwargs in transformers "
+                    f"{transformers.__version__}")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("make_config", [clip_config, siglip_config, dinov2_config])
+def test_equal_length_grids_share_one_batch(make_config):
+    enc = make_encoder(make_config, 10, packing="bucket")
+    pixel_values, grids = random_crops(MIXED_GRIDS, seed=1)
+    calls, handle = count_layer_calls(enc)
+    out = enc(pixel_values, grids)
+    handle.remove()
+    assert len(calls) == len({h * w for h, w in MIXED_GRIDS})  # one pass per distinct length, not per grid
+    single = encode_one_by_one(enc, pixel_values, MIXED_GRIDS)
+    starts = np.cumsum([0] + [h * w for h, w in MIXED_GRIDS])
+    for k in range(len(MIXED_GRIDS)):
+        assert rel_err(out[starts[k]:starts[k + 1]], single[starts[k]:starts[k + 1]]) < 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("make_config", [clip_config, dinov2_config])
+def test_varlen_equals_bucket(make_config):
+    enc = make_encoder(make_config, 11, packing="bucket")
+    pixel_values, grids = random_crops(MIXED_GRIDS, seed=2)
+    ref = enc(pixel_values, grids)
+    skip_unless_layers_forward_kwargs(enc)
+    enc.packing = "varlen"
+    assert enc.resolve_packing() == "varlen"
+    calls, handle = count_layer_calls(enc)
+    out = enc(pixel_values, grids)
+    handle.remove()
+    assert len(calls) == 1  # one packed sequence through the layers
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    starts = np.cumsum([0] + [h * w for h, w in MIXED_GRIDS])
+    for k in range(len(MIXED_GRIDS)):
+        assert rel_err(out[starts[k]:starts[k + 1]], ref[starts[k]:starts[k + 1]]) < 1e-5
+    # the tower's attention backend is switched only during the call
+    assert enc.vision_model.config._attn_implementation == "sdpa"
+
+
+@torch.no_grad()
+def test_varlen_with_registers_and_other_feature_layers():
+    torch.manual_seed(12)
+    config = Dinov2WithRegistersConfig(mlp_ratio=2, num_register_tokens=2, **TINY)
+    for feature_layer in (-1, 1):
+        enc = AdaptiveVisionEncoder.from_config(config, feature_layer=feature_layer, packing="bucket")
+        pixel_values, grids = random_crops(MIXED_GRIDS, seed=3)
+        ref = enc(pixel_values, grids)
+        enc.packing = "varlen"
+        with warnings.catch_warnings():  # transformers <= 5.17: falls back to buckets, with a warning
+            warnings.simplefilter("ignore", RuntimeWarning)
+            assert rel_err(enc(pixel_values, grids), ref) < 1e-5
+    enc = AdaptiveVisionEncoder.from_config(clip_config(), feature_layer=0, packing="varlen")
+    assert enc.resolve_packing() == "bucket"  # no layer to run: nothing to pack
+
+
+@torch.no_grad()
+def test_varlen_each_crop_depends_only_on_itself():
+    enc = make_encoder(clip_config, 13, packing="varlen")
+    pixel_values, grids = random_crops(MIXED_GRIDS, seed=4)
+    out = enc(pixel_values, grids)
+    starts = np.cumsum([0] + [h * w for h, w in MIXED_GRIDS])
+    for k in (0, 2, 8, 11):  # native, 1xN, a 2x8 sharing the length-16 run, a 16x1
+        perturbed = pixel_values.clone()
+        perturbed[starts[k]:starts[k + 1]] += torch.randn(starts[k + 1] - starts[k], perturbed.shape[1])
+        changed = (enc(perturbed, grids) - out).abs().amax(dim=1) > 0
+        assert changed[starts[k]:starts[k + 1]].all()
+        assert not changed[:starts[k]].any() and not changed[starts[k + 1]:].any()
+
+
+def test_varlen_gradients_match_bucket():
+    enc = make_encoder(clip_config, 14, trainable=True, packing="bucket")
+    pixel_values, grids = random_crops([(4, 4), (2, 8), (3, 5), (1, 1)], seed=5)
+    grads = {}
+    for mode in ("bucket", "varlen"):
+        enc.packing = mode
+        enc.zero_grad()
+        enc(pixel_values, grids).square().mean().backward()
+        grads[mode] = {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
+    assert grads["bucket"].keys() == grads["varlen"].keys() and grads["bucket"]
+    for name, g in grads["bucket"].items():
+        if name.endswith("k_proj.bias"):  # softmax ignores a key bias: its gradient is round-off around 0
+            assert g.abs().max() < 1e-6 and grads["varlen"][name].abs().max() < 1e-6
+            continue
+        assert rel_err(grads["varlen"][name], g) < 1e-5, name
+
+
+def test_packing_modes_and_auto_on_cpu():
+    enc = AdaptiveVisionEncoder.from_config(clip_config())
+    assert enc.packing == "auto"
+    assert enc.resolve_packing() == "bucket"  # no flash varlen kernel on the CPU
+    assert enc.resolve_packing(dtype=torch.bfloat16) == "bucket"
+    with pytest.raises(ValueError, match="packing"):
+        AdaptiveVisionEncoder.from_config(clip_config(), packing="padded")
+    with pytest.raises(ValueError, match="packing"):
+        enc.packing = "dense"
+    assert "packing='auto'" in repr(enc)
+
+
+def test_dinov2_drop_path_in_training_uses_buckets():
+    enc = AdaptiveVisionEncoder.from_config(dinov2_config(drop_path_rate=0.1), packing="varlen")
+    skip_unless_layers_forward_kwargs(enc)
+    assert enc.resolve_packing() == "varlen"  # frozen: eval mode, no drop path
+    enc.unfreeze().train()
+    assert enc.resolve_packing() == "bucket"
+
+
+@torch.no_grad()
+def test_attn_implementation_restored_on_error():
+    enc = make_encoder(clip_config, 15, packing="varlen")
+    pixel_values, grids = random_crops([(4, 4), (2, 6)])
+
+    def boom(module, args):
+        assert enc.vision_model.config._attn_implementation == PACKED_ATTENTION_NAME
+        raise RuntimeError("boom")
+
+    handle = enc._layers[1].register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        enc(pixel_values, grids)
+    handle.remove()
+    assert enc.vision_model.config._attn_implementation == "sdpa"
+
+
+class _NoKwargsLayer(torch.nn.Module):
+    """A layer whose forward takes no keyword arguments (like DINOv2's in transformers <= 5.17)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, hidden_states, attention_mask=None):
+        return self.inner(hidden_states, attention_mask)
+
+
+class _NoMaskLayer(_NoKwargsLayer):
+    def forward(self, hidden_states):  # noqa: D102 - DINOv2 in transformers <= 5.17: no mask, no kwargs
+        return self.inner(hidden_states, None)
+
+
+class _DroppingLayer(_NoKwargsLayer):
+    """Accepts keyword arguments but does not pass them on (like SigLIP's attention in transformers 5.x)."""
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        return self.inner(hidden_states, attention_mask)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("wrapper", [_NoKwargsLayer, _NoMaskLayer, _DroppingLayer])
+def test_layers_that_do_not_forward_kwargs_fall_back_to_buckets(wrapper):
+    enc = make_encoder(clip_config, 16, packing="bucket")
+    pixel_values, grids = random_crops(MIXED_GRIDS, seed=6)
+    ref = enc(pixel_values, grids)
+    layers = enc.vision_model.encoder.layers
+    for i in range(len(layers)):
+        layers[i] = wrapper(layers[i])
+    assert torch.equal(enc(pixel_values, grids), ref)  # bucket mode runs such layers too
+    enc.packing = "varlen"
+    with pytest.warns(RuntimeWarning, match="falls back to 'bucket'"):
+        assert enc.resolve_packing() == "bucket"
+    assert enc.vision_model.config._attn_implementation == "sdpa"  # the probe restored it
+    assert torch.equal(enc(pixel_values, grids), ref)
+
+
+@torch.no_grad()
+def test_siglip_varlen_matches_bucket_whatever_it_resolves_to():
+    # SigLIP's attention in transformers 5.17 / 5.24 does not pass kwargs on: it falls back (with a warning).
+    enc = make_encoder(siglip_config, 17, packing="bucket")
+    pixel_values, grids = random_crops(MIXED_GRIDS, seed=7)
+    ref = enc(pixel_values, grids)
+    enc.packing = "varlen"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert rel_err(enc(pixel_values, grids), ref) < 1e-5
+
+
+def _reference_segment_attention(q, k, v, lengths, scale=None):
+    out, start = [], 0
+    for n in lengths:
+        s = slice(start, start + n)
+        out.append(torch.nn.functional.scaled_dot_product_attention(q[:, :, s], k[:, :, s], v[:, :, s], scale=scale))
+        start += n
+    return torch.cat(out, dim=2).transpose(1, 2)  # (1, T, H, d)
+
+
+@torch.no_grad()
+def test_packed_attention_forward_is_block_diagonal():
+    lengths = [3, 5, 5, 2, 3, 3, 1]  # runs of equal lengths, not sorted
+    total = sum(lengths)
+    q, k, v = (torch.randn(1, 4, total, 8, generator=torch.Generator().manual_seed(s)) for s in range(3))
+    cu = torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32)
+    out, weights = packed_attention_forward(None, q, k, v, None, scaling=0.3, cu_seqlens=cu, max_seqlen=5)
+    assert weights is None and out.shape == (1, total, 4, 8)
+    assert rel_err(out, _reference_segment_attention(q, k, v, lengths, scale=0.3)) < 1e-6
+    out2, _ = packed_attention_forward(None, q, k, v, None, cu_seqlens=cu, max_seqlen=5, seqlens=tuple(lengths))
+    assert rel_err(out2, _reference_segment_attention(q, k, v, lengths)) < 1e-6
+    with pytest.raises(RuntimeError, match="cu_seqlens"):
+        packed_attention_forward(torch.nn.Identity(), q, k, v, None)
+    with pytest.raises(ValueError, match="attention_mask"):
+        packed_attention_forward(None, q, k, v, torch.zeros(1, 1, total, total), cu_seqlens=cu)
+    with pytest.raises(ValueError, match="cover"):
+        packed_attention_forward(None, q, k, v, None, cu_seqlens=cu[:-1])
+
+
+@torch.no_grad()
+def test_flash_varlen_path_plumbing(monkeypatch):
+    """The CUDA path (torch's varlen_attn) with a reference kernel standing in for it on the CPU."""
+    seen = []
+
+    def fake_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, **kwargs):
+        assert query.dim() == 3 and query.shape == key.shape == value.shape  # (T, H, d)
+        assert cu_seq_q.dtype == torch.int32 and cu_seq_q is cu_seq_k or torch.equal(cu_seq_q, cu_seq_k)
+        assert isinstance(max_q, int) and max_q == max_k
+        lengths = (cu_seq_q[1:] - cu_seq_q[:-1]).tolist()
+        assert max(lengths) == max_q and cu_seq_q[-1] == query.shape[0]
+        seen.append((tuple(lengths), kwargs))
+        qkv = [t.transpose(0, 1).unsqueeze(0) for t in (query, key, value)]
+        return _reference_segment_attention(*qkv, lengths, scale=kwargs.get("scale"))[0]
+
+    enc = make_encoder(clip_config, 18, packing="bucket")
+    pixel_values, grids = random_crops(MIXED_GRIDS, seed=8)
+    ref = enc(pixel_values, grids)
+    monkeypatch.setattr(vision_module, "_torch_varlen_attn", fake_varlen_attn)
+    monkeypatch.setattr(vision_module, "varlen_kernel_available", lambda device, dtype: True)
+    enc.packing = "auto"
+    assert enc.resolve_packing() == "bucket"  # auto packs on CUDA only
+    enc.packing = "varlen"
+    assert enc.resolve_packing() == "varlen"
+    assert seen == [((1, 1), {})]  # the probe: two one-token segments through the first layer
+    seen.clear()
+    out = enc(pixel_values, grids)
+    assert len(seen) == len(enc._layers) - 1  # every layer run (penultimate: all but the last)
+    lengths, kwargs = seen[0]
+    assert sorted(lengths) == sorted(h * w + 1 for h, w in MIXED_GRIDS) and kwargs == {}  # default scale
+    assert rel_err(out, ref) < 1e-5
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["bucket", "varlen"])
+@pytest.mark.parametrize("cap", [1, 17, 40, 100])
+def test_max_batch_tokens_splits_passes(mode, cap):
+    enc = make_encoder(clip_config, 19, packing="bucket")
+    pixel_values, grids = random_crops(MIXED_GRIDS, seed=9)
+    ref = enc(pixel_values, grids)
+    enc.packing, enc.max_batch_tokens = mode, cap
+    calls = []
+    handle = enc._layers[0].register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[:2]))
+    out = enc(pixel_values, grids)
+    handle.remove()
+    assert rel_err(out, ref) < 1e-5
+    lengths = [h * w + 1 for h, w in MIXED_GRIDS]
+    assert sum(b * n for b, n in calls) == sum(lengths)  # every token once
+    if mode == "bucket":  # dense sub-batches: over the cap only as a single crop longer than the cap
+        assert all(b * n <= cap or (b == 1 and n > cap) for b, n in calls)
+    else:  # packs (batch 1): over the cap only as a single crop longer than the cap
+        assert all(b == 1 for b, _ in calls)
+        assert all(n <= cap or (n in lengths and n > cap) for _, n in calls)
+        if cap >= max(lengths):
+            assert len(calls) < len(MIXED_GRIDS)  # crops do share packs
+
+
+def test_max_batch_tokens_validation():
+    enc = AdaptiveVisionEncoder.from_config(clip_config(), max_batch_tokens=4096)
+    assert enc.max_batch_tokens == 4096 and "max_batch_tokens=4096" in repr(enc)
+    for bad in (0, -3, 2.5, True, "x"):
+        with pytest.raises((ValueError, TypeError)):
+            enc.max_batch_tokens = bad
+    enc.max_batch_tokens = None
+    assert enc.max_batch_tokens is None
+
+
+def test_gradient_checkpointing_uses_buckets():
+    enc = make_encoder(clip_config, 20, trainable=True, packing="varlen")
+    enc.train()
+    pixel_values, grids = random_crops([(4, 4), (2, 8), (3, 5)], seed=10)
+    enc.zero_grad()
+    enc(pixel_values, grids).square().mean().backward()
+    ref = enc.vision_model.encoder.layers[0].self_attn.q_proj.weight.grad.clone()
+    tower = enc.vision_model  # transformers 5.24 renamed gradient_checkpointing_enable
+    (getattr(tower, "activation_checkpointing_enable", None) or tower.gradient_checkpointing_enable)()
+    assert enc._layers[0].gradient_checkpointing
+    assert enc.resolve_packing() == "bucket"  # the recomputation would run with the tower's own attention
+    with torch.no_grad():
+        assert enc.resolve_packing() == "varlen"  # no backward, no recomputation
+    enc.zero_grad()
+    enc(pixel_values, grids).square().mean().backward()
+    assert rel_err(enc.vision_model.encoder.layers[0].self_attn.q_proj.weight.grad, ref) < 1e-5

@@ -4,7 +4,7 @@ A LLaVA-UHD slice keeps its aspect ratio, so its patch grid ``(h_p, w_p)`` is ra
 (24x24 for CLIP-ViT-L/14-336). `AdaptiveVisionEncoder` wraps a transformers vision tower (`CLIPVisionModel`,
 `SiglipVisionModel`, `Dinov2Model`, `Dinov2WithRegistersModel`) and encodes each crop at its own grid:
 
-1. **Patch embedding**: each bucket of same-grid crops (see Batching) is reassembled from its packed patches into
+1. **Patch embedding**: the crops of each distinct patch grid are reassembled from their packed patches into
    ``(B, 3, h_p*p, w_p*p)`` images and run through the tower's own patch conv, the very kernel call of the tower's
    forward, so a native-size crop matches the tower bit for bit.
 2. **Position embedding**: the tower's learned 1D embedding, reshaped to its native 2D grid and interpolated to
@@ -16,32 +16,70 @@ A LLaVA-UHD slice keeps its aspect ratio, so its patch grid ``(h_p, w_p)`` is ra
    backend, DINOv2 layer scale, ...) up to ``hidden_states[feature_layer]``, the penultimate layer by default as
    in LLaVA. Layers past the requested one are not run; no final/post layernorm is applied.
 
-Batching: crops are **bucketed by patch grid**. Each bucket of equal grids is one dense batch through the layers,
-so there is no padding and no attention mask at all (every attention backend, sdpa / eager / flash, works
-unchanged), and each crop's features depend on that crop alone. A batch of LLaVA-UHD crops has few distinct grids
-(an image's slices mostly share one; its overview has another), so the number of buckets stays small. The outputs
-are scattered back into the packed order of the input.
+Batching (``packing=``): after steps 1-2 the encoder layers only see token sequences, so crops are grouped by
+**sequence length**, not by grid: a 24x24 and a 16x36 crop (576 patches each) share one dense batch. Two ways
+to run the layers over those groups:
+
+- ``"bucket"``: each group of equal lengths is one dense ``(B, L, D)`` batch through the layers, with no padding
+  and no attention mask at all, so every attention backend the tower is set to (sdpa / eager / flash) works
+  unchanged. One pass through the layers per distinct length (a LLaVA-UHD batch has a handful).
+- ``"varlen"``: all crops' tokens (prefix tokens included) are concatenated into a single ``(1, T, D)`` sequence
+  and run once through the tower's own layers with **block-diagonal attention**: the linear layers / MLPs / norms
+  see all ``T`` tokens at once and each crop attends only to itself. The attention is a function registered with
+  transformers' ``AttentionInterface`` under the name ``"llava_uhd_varlen"`` (`packed_attention_forward`); for
+  the duration of the encoder call the tower config's ``_attn_implementation`` is switched to it (and restored
+  afterwards, also on error; the switch is not thread safe: do not run the same tower from two threads at once).
+  The segments come in as ``cu_seqlens`` / ``max_seqlen`` keyword arguments that the layers forward to the
+  attention function. On CUDA in fp16 / bf16 the attention is ``torch.nn.attention.varlen.varlen_attn`` (flash
+  varlen kernel) when the running torch has it; otherwise (CPU, fp32, an older torch, attention dropout in
+  training) it is one SDPA call per run of equal-length segments. A tower whose layers do not forward keyword
+  arguments to the attention function (checked once by a probe; e.g. DINOv2 in transformers <= 5.17) falls back
+  to ``"bucket"`` with a warning, as does a tower in training mode with drop-path (stochastic depth is drawn per
+  sample: a packed batch would be one sample) or with gradient checkpointing (the backward pass recomputes the
+  layers after the attention switch is undone).
+- ``"auto"`` (default): ``"varlen"`` on CUDA (the flash ``varlen_attn`` kernel in fp16 / bf16 where torch has it,
+  SDPA per length otherwise; on an H200 both beat bucketing and padding, see ``bench/gpu/``) for a tower that
+  forwards the segments, else ``"bucket"`` (on the CPU bucketing is as fast as packing). `resolve_packing` says
+  which one a device / dtype gets.
+
+``max_batch_tokens=N`` caps the tokens of one pass in either mode (a bucket is split into dense sub-batches, a
+pack into several packs; crops are never split): it bounds activation memory, and on a CPU, where one crop's
+matmuls already run near peak, moderate batches keep the elementwise ops in cache (see ``bench/RESULTS.md``).
+
+Both modes give the same features up to float round-off (tested at ``rel err < 1e-5`` in fp32) and each crop's
+features depend on that crop alone. The outputs are scattered back into the packed order of the input.
 
 Position-embedding cache: interpolated embeddings are cached per grid, keyed on the identity, storage, dtype,
 device and in-place version counter of the position-embedding weight, so ``load_state_dict``, an optimizer step,
 ``.to(dtype)`` or ``.to(device)`` all invalidate it. Nothing is cached while the weight requires grad under
-autograd (a cached tensor would tie every step to the graph of the step that computed it): then it is recomputed
-per forward, one small interpolation per distinct grid.
+autograd (a cached tensor would tie every step to the graph of the step that computed it), nor for weights
+created under ``torch.inference_mode`` (inference tensors have no version counter): then it is recomputed per
+forward, one small interpolation per distinct grid.
 
 Freezing: the tower is frozen by default (``trainable=False``, LLaVA-UHD keeps the ViT frozen in both stages):
 its parameters do not require grad and it stays in eval mode even when the parent model calls ``.train()``, so
 dropout / drop-path never fire in a frozen tower. `unfreeze` makes it trainable; `freeze` undoes that.
 """
-
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AdaptiveVisionEncoder", "interpolate_pos_embed", "SUPPORTED_MODEL_TYPES"]
+__all__ = [
+    "AdaptiveVisionEncoder",
+    "interpolate_pos_embed",
+    "packed_attention_forward",
+    "varlen_kernel_available",
+    "PACKED_ATTENTION_NAME",
+    "PACKING_MODES",
+    "SUPPORTED_MODEL_TYPES",
+]
 
 # config.model_type -> the tower family this module knows how to take apart.
 SUPPORTED_MODEL_TYPES = {
@@ -51,7 +89,161 @@ SUPPORTED_MODEL_TYPES = {
     "dinov2_with_registers": "dinov2",
 }
 
+PACKING_MODES = ("bucket", "varlen", "auto")
+# The name `packed_attention_forward` is registered under in transformers' AttentionInterface.
+PACKED_ATTENTION_NAME = "llava_uhd_varlen"
+
 _MAX_CACHED_GRIDS = 256
+
+# torch.nn.attention.varlen.varlen_attn (flash varlen kernel, CUDA fp16/bf16) appeared in torch 2.9 and its keyword
+# arguments changed since (is_causal -> window_size, scale added), so only the positional core is relied on.
+try:
+    from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
+except Exception:  # pragma: no cover - depends on the torch build
+    _torch_varlen_attn = None
+try:
+    _VARLEN_TAKES_SCALE = _torch_varlen_attn is not None and (
+        "scale" in inspect.signature(_torch_varlen_attn).parameters)
+except (TypeError, ValueError):  # pragma: no cover
+    _VARLEN_TAKES_SCALE = False
+_varlen_kernel_broken = False  # set if the kernel ever raised: later calls use the SDPA fallback
+
+
+def varlen_kernel_available(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether `packed_attention_forward` runs the flash varlen kernel for tensors on ``device`` in ``dtype``
+    (CUDA, fp16 / bf16, a torch with ``torch.nn.attention.varlen.varlen_attn``); else it loops over SDPA calls."""
+    return (_torch_varlen_attn is not None and not _varlen_kernel_broken
+            and torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16))
+
+
+class _MissingSegments(RuntimeError):
+    """The packed attention was called without ``cu_seqlens``: the layers did not forward the segments."""
+
+
+def _equal_length_runs(seqlens) -> list[tuple[int, int]]:
+    """``[(length, count), ...]``: maximal runs of consecutive segments of equal length."""
+    runs: list[list[int]] = []
+    for n in seqlens:
+        if runs and runs[-1][0] == n:
+            runs[-1][1] += 1
+        else:
+            runs.append([n, 1])
+    return [(n, c) for n, c in runs]
+
+
+def _varlen_kernel(q, k, v, cu_seqlens, max_seqlen, scaling):
+    """``(T, H, d)`` q/k/v through torch's flash varlen kernel."""
+    head_dim = q.shape[-1]
+    kwargs = {}
+    if not math.isclose(scaling, head_dim ** -0.5, rel_tol=1e-6):  # the kernel's default scale
+        if _VARLEN_TAKES_SCALE:
+            kwargs["scale"] = scaling
+        else:
+            q = q * (scaling * head_dim ** 0.5)
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    return _torch_varlen_attn(q, k, v, cu, cu, int(max_seqlen), int(max_seqlen), **kwargs)
+
+
+def packed_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    seqlens: tuple[int, ...] | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Block-diagonal (per-segment) attention over one packed sequence, as a transformers attention function.
+
+    Registered in ``transformers.AttentionInterface`` as ``"llava_uhd_varlen"``; the tower's attention modules
+    call it with ``(module, query, key, value, attention_mask, scaling=, dropout=, **kwargs)``.
+
+    Args:
+        query, key, value: ``(1, H, T, d)``, the packed sequence (``T`` tokens of all segments).
+        attention_mask: must be None (the segments are the mask).
+        cu_seqlens: ``(N + 1,)`` integer segment boundaries (``0, len_0, len_0 + len_1, ..., T``).
+        max_seqlen: the longest segment.
+        seqlens: optional, the ``N`` segment lengths as Python ints (spares a device sync in the SDPA fallback).
+
+    Returns:
+        ``((1, T, H, d), None)``, as transformers' sdpa / eager attention functions (no attention weights).
+
+    On CUDA in fp16 / bf16 without attention dropout it runs ``torch.nn.attention.varlen.varlen_attn``;
+    otherwise one ``scaled_dot_product_attention`` call per run of consecutive equal-length segments, batched.
+    """
+    if cu_seqlens is None:
+        raise _MissingSegments(
+            f"{PACKED_ATTENTION_NAME!r} attention needs cu_seqlens / max_seqlen keyword arguments: the layers of "
+            f"{type(module).__name__} did not forward them")
+    if attention_mask is not None:
+        raise ValueError(f"{PACKED_ATTENTION_NAME!r} attention takes no attention_mask: the segments are the mask")
+    if query.shape[0] != 1:
+        raise ValueError(f"packed attention expects one packed sequence (batch 1), got batch {query.shape[0]}")
+    head_dim = query.shape[-1]
+    if scaling is None:
+        scaling = head_dim ** -0.5
+    # (1, H, T, d) -> (T, H, d): for the towers' q/k/v, views of the projection output, no copy.
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+
+    global _varlen_kernel_broken
+    if (not dropout and varlen_kernel_available(q.device, q.dtype) and k.shape[1] == q.shape[1]
+            and head_dim % 8 == 0 and head_dim <= 256):
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        try:
+            return _varlen_kernel(q, k, v, cu_seqlens, max_seqlen, scaling).unsqueeze(0), None
+        except RuntimeError as err:  # pragma: no cover - needs a GPU
+            _varlen_kernel_broken = True
+            warnings.warn(f"torch varlen_attn failed ({err}); packed attention falls back to SDPA per segment "
+                          "length from now on", RuntimeWarning, stacklevel=2)
+
+    if seqlens is None:
+        seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    outputs, start = [], 0
+    for length, count in _equal_length_runs(seqlens):
+        end = start + length * count
+
+        def group(t):  # (T, H, d) slice -> (count, H, length, d), the layout of a dense batch
+            return t[start:end].unflatten(0, (count, length)).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(group(q), group(k), group(v), dropout_p=dropout, scale=scaling)
+        outputs.append(out.transpose(1, 2).reshape(end - start, out.shape[1], out.shape[-1]))
+        start = end
+    if start != q.shape[0]:
+        raise ValueError(f"segments cover {start} tokens but the packed sequence has {q.shape[0]}")
+    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    return out.unsqueeze(0), None
+
+
+_registered = False
+
+
+def _register_packed_attention() -> None:
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(PACKED_ATTENTION_NAME, packed_attention_forward)
+        _registered = True
+
+
+_TAKES_MASK: dict[type, bool] = {}
+
+
+def _layer_takes_mask(layer: nn.Module) -> bool:
+    """Whether the layer's forward has an ``attention_mask`` parameter (CLIP / SigLIP require it positionally;
+    DINOv2 in transformers <= 5.17 has none)."""
+    cls = type(layer)
+    if cls not in _TAKES_MASK:
+        try:
+            _TAKES_MASK[cls] = "attention_mask" in inspect.signature(cls.forward).parameters
+        except (TypeError, ValueError):  # pragma: no cover
+            _TAKES_MASK[cls] = True
+    return _TAKES_MASK[cls]
 
 
 def interpolate_pos_embed(pos_embed_2d: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
@@ -105,6 +297,14 @@ class AdaptiveVisionEncoder(nn.Module):
         feature_layer: which entry of the tower's ``hidden_states`` to return (``0`` is the embedding output,
             ``-1`` the last layer before any post layernorm). Defaults to ``-2``, the penultimate layer (LLaVA).
         trainable: if False (default) the tower is frozen, see `freeze`.
+        packing: how crops are batched through the layers: ``"bucket"`` (one dense batch per distinct sequence
+            length), ``"varlen"`` (one packed sequence with block-diagonal attention) or ``"auto"`` (default:
+            varlen on CUDA, bucket on the CPU). See the module
+            docstring; `resolve_packing` tells which one a forward runs. Can be changed later (``enc.packing =``).
+        max_batch_tokens: if set, no pass through the layers gets more than this many tokens (prefix included):
+            a bucket is split into dense sub-batches, a varlen pack into several packs (a crop is never split, so
+            a crop longer than the cap still runs, alone). None (default): no cap. Bounds activation memory; on a
+            CPU it also keeps the MLP intermediates in cache (see ``bench/RESULTS.md``).
 
     Attributes:
         family: ``"clip"``, ``"siglip"`` or ``"dinov2"``.
@@ -112,9 +312,12 @@ class AdaptiveVisionEncoder(nn.Module):
         native_grid: ``(gh, gw)``, the grid the position embedding was trained on.
         hidden_size: ``D``, the width of the returned features.
         num_prefix_tokens: CLS and register tokens the tower prepends (dropped from the output).
+        packing: the requested packing mode.
+        max_batch_tokens: the cap on tokens per pass (None: no cap).
     """
 
-    def __init__(self, vision_model: nn.Module, feature_layer: int = -2, trainable: bool = False):
+    def __init__(self, vision_model: nn.Module, feature_layer: int = -2, trainable: bool = False,
+                 packing: str = "auto", max_batch_tokens: int | None = None):
         super().__init__()
         if not hasattr(vision_model, "embeddings") and hasattr(vision_model, "vision_model"):
             vision_model = vision_model.vision_model
@@ -159,18 +362,24 @@ class AdaptiveVisionEncoder(nn.Module):
 
         self._pos_cache: dict[tuple, torch.Tensor] = {}
         self._pos_cache_key: tuple | None = None
+        self.packing = packing
+        self.max_batch_tokens = max_batch_tokens
+        self._varlen_support: bool | None = None  # does the tower forward the segments? (probed once)
+        self._warned_fallback = False
         self.trainable = True
         if not trainable:
             self.freeze()
 
     @classmethod
-    def from_config(cls, vision_config, feature_layer: int = -2, trainable: bool = False) -> "AdaptiveVisionEncoder":
+    def from_config(cls, vision_config, feature_layer: int = -2, trainable: bool = False,
+                    packing: str = "auto", max_batch_tokens: int | None = None) -> "AdaptiveVisionEncoder":
         """A randomly initialised tower from a vision config (a full CLIP / SigLIP config's ``vision_config`` is
         used)."""
         is_tower_config = getattr(vision_config, "model_type", None) in SUPPORTED_MODEL_TYPES
         if not is_tower_config and hasattr(vision_config, "vision_config"):
             vision_config = vision_config.vision_config
-        return cls(_build_tower(vision_config), feature_layer=feature_layer, trainable=trainable)
+        return cls(_build_tower(vision_config), feature_layer=feature_layer, trainable=trainable, packing=packing,
+                   max_batch_tokens=max_batch_tokens)
 
     # ------------------------------------------------------------------------------------------------ freezing
     def freeze(self) -> "AdaptiveVisionEncoder":
@@ -228,6 +437,9 @@ class AdaptiveVisionEncoder(nn.Module):
             return patch_pos  # exactly the tower's own embedding, no resampling
         if torch.is_grad_enabled() and weight.requires_grad:
             return self._interpolate(patch_pos, grid_hw)  # keep the graph: never cache
+        if weight.is_inference():
+            # made under torch.inference_mode: no version counter, so in-place updates could not be detected
+            return self._interpolate(patch_pos, grid_hw)
         key = (id(weight), weight.data_ptr(), weight._version, weight.dtype, weight.device)
         if key != self._pos_cache_key:
             self._pos_cache.clear()
@@ -243,6 +455,93 @@ class AdaptiveVisionEncoder(nn.Module):
     def _interpolate(self, patch_pos: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
         gh, gw = self.native_grid
         return interpolate_pos_embed(patch_pos.reshape(gh, gw, -1), grid_hw)
+
+    # ---------------------------------------------------------------------------------------------------- packing
+    @property
+    def packing(self) -> str:
+        return self._packing
+
+    @packing.setter
+    def packing(self, value: str) -> None:
+        if value not in PACKING_MODES:
+            raise ValueError(f"packing must be one of {PACKING_MODES}, got {value!r}")
+        self._packing = value
+
+    @property
+    def max_batch_tokens(self) -> int | None:
+        return self._max_batch_tokens
+
+    @max_batch_tokens.setter
+    def max_batch_tokens(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
+            raise ValueError(f"max_batch_tokens must be a positive integer or None, got {value!r}")
+        self._max_batch_tokens = None if value is None else int(value)
+
+    def resolve_packing(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> str:
+        """The mode a forward runs, ``"bucket"`` or ``"varlen"``, for inputs on ``device`` in ``dtype`` (default:
+        the tower's). ``"varlen"`` needs a tower whose layers forward keyword arguments to the attention function
+        (probed once; else a warning and ``"bucket"``), no drop-path in training and no gradient checkpointing
+        (its recomputation in the backward pass would run after the attention switch is undone); ``"auto"`` also
+        needs a CUDA device."""
+        weight = self._patch_conv.weight
+        device = weight.device if device is None else torch.device(device)
+        dtype = weight.dtype if dtype is None else dtype
+        if self.packing == "bucket" or self._num_layers_to_run == 0:
+            return "bucket"
+        if self.packing == "auto" and device.type != "cuda":
+            # on the CPU one dense batch per length is as fast as it gets (bench/RESULTS.md); on a GPU packing wins
+            # in every dtype: the flash varlen kernel in half precision, SDPA per length in float32 (bench/gpu/)
+            return "bucket"
+        if self.vision_model.training and float(getattr(self.vision_model.config, "drop_path_rate", 0) or 0) > 0:
+            return "bucket"  # drop path is drawn per sample: a packed batch is one sample
+        if torch.is_grad_enabled() and any(getattr(layer, "gradient_checkpointing", False) and layer.training
+                                           for layer in self._layers[: self._num_layers_to_run]):
+            # the backward pass recomputes the layers after the attention switch is undone: full attention
+            return "bucket"
+        if self._varlen_support is None:
+            self._varlen_support = self._probe_varlen()
+        if not self._varlen_support:
+            if not self._warned_fallback:
+                self._warned_fallback = True
+                warnings.warn(f"{type(self._layers[0]).__name__} does not forward keyword arguments to its attention "
+                              f"function (transformers {_transformers_version()}), so the packed attention cannot "
+                              f"get the segments: packing={self.packing!r} falls back to 'bucket'",
+                              RuntimeWarning, stacklevel=3)
+            return "bucket"
+        return "varlen"
+
+    @contextlib.contextmanager
+    def _packed_attention(self):
+        """Switch the attention of the layers to run to `packed_attention_forward`; restore it on exit."""
+        _register_packed_attention()
+        configs = {}
+        for module in self._layers[: self._num_layers_to_run].modules():
+            config = getattr(module, "config", None)
+            if config is not None and hasattr(config, "_attn_implementation"):
+                configs[id(config)] = config
+        saved = [(config, config._attn_implementation) for config in configs.values()]
+        try:
+            for config, _ in saved:
+                config._attn_implementation = PACKED_ATTENTION_NAME
+            yield
+        finally:
+            for config, previous in saved:
+                config._attn_implementation = previous
+
+    def _probe_varlen(self) -> bool:
+        """Run each kind of layer once on two one-token segments: do the segments reach the attention function?"""
+        weight = self._patch_conv.weight
+        hidden = torch.zeros(1, 2, self.hidden_size, device=weight.device, dtype=weight.dtype)
+        cu_seqlens = torch.tensor([0, 1, 2], device=weight.device, dtype=torch.int32)
+        kinds = {type(layer): layer for layer in self._layers[: self._num_layers_to_run]}
+        cuda = [weight.device.index or 0] if weight.device.type == "cuda" else []
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=cuda), self._packed_attention():
+                for layer in kinds.values():
+                    self._run_layer(layer, hidden, cu_seqlens=cu_seqlens, max_seqlen=1, seqlens=(1, 1))
+        except (_MissingSegments, TypeError):
+            return False
+        return True
 
     # -------------------------------------------------------------------------------------------------- forward
     def _check_inputs(self, pixel_values: torch.Tensor, patch_grid_hw: torch.Tensor) -> list[tuple[int, int]]:
@@ -287,32 +586,84 @@ class AdaptiveVisionEncoder(nn.Module):
         if not grids:
             return pixel_values.new_zeros((0, self.hidden_size), dtype=dtype, device=device)
 
-        # Bucket crops by grid, in order of first appearance.
-        buckets: dict[tuple[int, int], list[int]] = {}
-        for k, grid in enumerate(grids):
-            buckets.setdefault(grid, []).append(k)
-        starts = torch.tensor([0] + [h * w for h, w in grids[:-1]], device=device).cumsum(0)
+        groups = self.embed_crops(pixel_values, grids)
+        hiddens = self._split_batches([hidden for hidden, _ in groups])
+        if self.resolve_packing(device, dtype) == "varlen":
+            feats = []
+            for pack in self._packs(hiddens):
+                feats += self._encode_packed(pack)
+        else:
+            feats = [self._encode_dense(hidden) for hidden in hiddens]
+        if len(feats) == 1 and len(grids) == 1:
+            return feats[0]  # one crop: already in input order
+        # Back to the packed input order: row rows[i] of the input is row i of the concatenated outputs.
+        order = torch.cat([rows for _, rows in groups]).argsort()
+        return torch.cat(feats)[order]
+
+    def embed_crops(self, pixel_values: torch.Tensor, grids: list[tuple[int, int]]
+                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The encoder's input, grouped by sequence length (used by `forward`; public for benchmarks).
+
+        Args:
+            pixel_values: ``(P, 3*p*p)`` packed patches.
+            grids: each crop's ``(h_p, w_p)``, as Python ints.
+
+        Returns:
+            ``[(hidden, rows), ...]``, one entry per distinct ``h_p * w_p`` in order of first appearance:
+            ``hidden`` ``(B, prefix + n, D)`` is what the first encoder layer sees (prefix tokens, patch embeddings
+            plus position embeddings, the tower's embedding dropout / pre-layernorm) for the ``B`` crops of that
+            length, whatever their grids; ``rows`` ``(B * n,)`` are the input rows of its patch tokens, in order.
+        """
+        weight = self._patch_conv.weight
+        device, dtype = weight.device, weight.dtype
         x = pixel_values.to(device=device, dtype=dtype)
         p, c = self.patch_size, self.in_channels
+        by_grid: dict[tuple[int, int], list[int]] = {}
+        for k, grid in enumerate(grids):
+            by_grid.setdefault(grid, []).append(k)
+        starts = torch.tensor([0] + [h * w for h, w in grids[:-1]], device=device).cumsum(0)
 
-        outputs, rows = [], []
-        for (h, w), crops in buckets.items():
+        by_length: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for (h, w), crops in by_grid.items():
             n = h * w
             idx = (starts[crops].unsqueeze(1) + torch.arange(n, device=device)).reshape(-1)  # (B*n,)
-            # Reassemble the bucket's crops as images (B, C, h*p, w*p) and run the tower's own patch conv on them:
+            # Reassemble the grid's crops as images (B, C, h*p, w*p) and run the tower's own patch conv on them:
             # the same kernel call as the tower's forward, so a native-size crop matches it bit for bit.
             images = x[idx].view(len(crops), h, w, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(-1, c, h * p, w * p)
-            embeds = self._patch_conv(images).flatten(2).transpose(1, 2)  # (B, n, D)
-            tokens = embeds + self.get_pos_embed((h, w))
-            feats = self._encode(tokens)  # (B, n, D)
-            outputs.append(feats.reshape(len(crops) * n, -1))
-            rows.append(idx)
-        # Back to the packed input order: row rows[i] of the input is row i of the concatenated outputs.
-        order = torch.cat(rows).argsort()
-        return torch.cat(outputs)[order]
+            tokens = self._patch_conv(images).flatten(2).transpose(1, 2) + self.get_pos_embed((h, w))  # (B, n, D)
+            by_length.setdefault(n, []).append((tokens, idx))
 
-    def _encode(self, patch_tokens: torch.Tensor) -> torch.Tensor:
-        """``(B, n, D)`` position-embedded patch tokens of same-grid crops to ``(B, n, D)`` features."""
+        groups = []
+        for parts in by_length.values():  # crops of different grids but equal length share one batch
+            tokens = parts[0][0] if len(parts) == 1 else torch.cat([t for t, _ in parts])
+            rows = parts[0][1] if len(parts) == 1 else torch.cat([r for _, r in parts])
+            groups.append((self._stem(tokens), rows))
+        return groups
+
+    def _split_batches(self, hiddens: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Split ``(B, L, D)`` batches into pieces of at most `max_batch_tokens` tokens (at least one sequence)."""
+        cap = self.max_batch_tokens
+        if cap is None:
+            return hiddens
+        return [piece for h in hiddens for piece in h.split(max(1, cap // h.shape[1]))]
+
+    def _packs(self, hiddens: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Consecutive batches grouped into packs of at most `max_batch_tokens` tokens (all in one if no cap)."""
+        cap = self.max_batch_tokens
+        if cap is None:
+            return [hiddens]
+        packs, tokens = [], 0
+        for h in hiddens:
+            n = h.shape[0] * h.shape[1]
+            if not packs or tokens + n > cap:
+                packs.append([])
+                tokens = 0
+            packs[-1].append(h)
+            tokens += n
+        return packs
+
+    def _stem(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, n, D)`` position-embedded patch tokens to the first layer's input ``(B, prefix + n, D)``."""
         tower, emb = self.vision_model, self.vision_model.embeddings
         b = patch_tokens.shape[0]
         prefix = []
@@ -329,12 +680,60 @@ class AdaptiveVisionEncoder(nn.Module):
             hidden = emb.dropout(hidden)
         if self.family == "clip":
             hidden = tower.pre_layrnorm(hidden)
-        # The tower's own layers, so its attention backend, layer scale, drop path and gradient checkpointing
-        # apply; no mask is needed since every sequence in the bucket is complete.
+        return hidden
+
+    @staticmethod
+    def _run_layer(layer: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                   **kwargs) -> torch.Tensor:
+        if _layer_takes_mask(layer):
+            out = layer(hidden, attention_mask, **kwargs)
+        elif attention_mask is not None:
+            raise ValueError(f"{type(layer).__name__} takes no attention mask")
+        else:
+            out = layer(hidden, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def run_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """The tower's own layers up to ``feature_layer`` on ``(B, L, D)`` (its attention backend, layer scale,
+        drop path and gradient checkpointing apply); ``attention_mask`` and ``kwargs`` go to every layer."""
         for layer in self._layers[: self._num_layers_to_run]:
-            hidden = layer(hidden, None)
-        return hidden[:, self.num_prefix_tokens:]
+            hidden = self._run_layer(layer, hidden, attention_mask, **kwargs)
+        return hidden
+
+    def _encode_dense(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``(B, L, D)`` complete sequences (no padding, no mask needed) to ``(B * n, D)`` patch features."""
+        out = self.run_layers(hidden)[:, self.num_prefix_tokens:]
+        return out.reshape(-1, out.shape[-1])
+
+    def _encode_packed(self, hiddens: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every group's sequences as one packed ``(1, T, D)`` sequence with block-diagonal attention."""
+        dim = hiddens[0].shape[-1]
+        seqlens = [h.shape[1] for h in hiddens for _ in range(h.shape[0])]
+        packed = torch.cat([h.reshape(-1, dim) for h in hiddens]).unsqueeze(0)
+        bounds = [0]
+        for n in seqlens:
+            bounds.append(bounds[-1] + n)
+        cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=packed.device)
+        with self._packed_attention():
+            out = self.run_layers(packed, cu_seqlens=cu_seqlens, max_seqlen=max(seqlens), seqlens=tuple(seqlens))[0]
+        feats, start = [], 0
+        for h in hiddens:
+            b, length = h.shape[:2]
+            seqs = out[start:start + b * length].view(b, length, dim)
+            feats.append(seqs[:, self.num_prefix_tokens:].reshape(-1, dim))
+            start += b * length
+        return feats
 
     def extra_repr(self) -> str:
         return (f"family={self.family}, feature_layer={self.feature_layer}, patch_size={self.patch_size}, "
-                f"native_grid={self.native_grid}, trainable={self.trainable}")
+                f"native_grid={self.native_grid}, trainable={self.trainable}, packing={self.packing!r}"
+                + (f", max_batch_tokens={self.max_batch_tokens}" if self.max_batch_tokens is not None else ""))
+
+
+def _transformers_version() -> str:
+    try:
+        import transformers
+
+        return transformers.__version__
+    except Exception:  # pragma: no cover
+        return "?"
