@@ -9,10 +9,11 @@ from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 from ..slicing import SliceConfig
 
-__all__ = ["LlavaUHDConfig", "IMAGE_STRATEGIES", "PROJECTORS"]
+__all__ = ["LlavaUHDConfig", "IMAGE_STRATEGIES", "PROJECTORS", "RESAMPLER_TYPES"]
 
 IMAGE_STRATEGIES = ("uhd", "pad", "fixed_grid")
 PROJECTORS = ("resampler", "mlp")
+RESAMPLER_TYPES = ("perceiver", "spatial")
 
 
 class LlavaUHDConfig(PreTrainedConfig):
@@ -25,6 +26,9 @@ class LlavaUHDConfig(PreTrainedConfig):
         max_slices: slice cap (paper 6, authors' release 7).
         num_queries: resampler queries per crop (64 in the paper).
         resampler_heads: resampler attention heads; None: ``hidden_size // 128`` (at least 1).
+        resampler_type: ``"perceiver"`` (the paper's perceiver resampler, default) or ``"spatial"`` (the
+            release's spatially constrained resampler: ``num_queries`` on a square grid, each attending to its own
+            ROI-align pooled region; ``num_queries`` must be a perfect square, 144 in the release).
         vision_feature_layer: the ViT layer feeding the projector (-2: the penultimate; patch tokens only).
         image_strategy: ``"uhd"`` (LLaVA-UHD slicing), ``"pad"`` (LLaVA-1.5: pad to a square with the mean colour,
             resize to the native size) or ``"fixed_grid"`` (cut into ``fixed_grid`` = (cols, rows) slices + overview).
@@ -54,6 +58,7 @@ class LlavaUHDConfig(PreTrainedConfig):
     max_slices: int = 6
     num_queries: int = 64
     resampler_heads: int | None = None
+    resampler_type: Literal["perceiver", "spatial"] = "perceiver"
     vision_feature_layer: int = -2
     image_strategy: Literal["uhd", "pad", "fixed_grid"] = "uhd"
     fixed_grid: list[int] | tuple[int, int] = (2, 2)
@@ -72,6 +77,8 @@ class LlavaUHDConfig(PreTrainedConfig):
             raise ValueError(f"image_strategy must be one of {IMAGE_STRATEGIES}, got {self.image_strategy!r}")
         if self.projector not in PROJECTORS:
             raise ValueError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
+        if self.resampler_type not in RESAMPLER_TYPES:
+            raise ValueError(f"resampler_type must be one of {RESAMPLER_TYPES}, got {self.resampler_type!r}")
         if self.overview_position not in ("after", "before"):
             raise ValueError(f"overview_position must be 'after' or 'before', got {self.overview_position!r}")
         self.fixed_grid = [int(v) for v in self.fixed_grid]

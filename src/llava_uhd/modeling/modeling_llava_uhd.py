@@ -19,6 +19,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .configuration_llava_uhd import LlavaUHDConfig
 from .projector import MLPProjector
 from .resampler import PerceiverResampler
+from .spatial_resampler import SpatialResampler
 from .vision import AdaptiveVisionEncoder
 
 __all__ = ["LlavaUHDForConditionalGeneration", "LlavaUHDPreTrainedModel"]
@@ -38,7 +39,7 @@ class LlavaUHDPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         # The vision tower and the LLM are PreTrainedModels and initialise themselves; only our own parts here.
-        if isinstance(module, PerceiverResampler):
+        if isinstance(module, (PerceiverResampler, SpatialResampler)):
             module.reset_parameters()
         elif isinstance(module, MLPProjector):
             for layer in module.modules():
@@ -66,7 +67,10 @@ class LlavaUHDForConditionalGeneration(LlavaUHDPreTrainedModel, GenerationMixin)
             self.vision_tower = AdaptiveVisionEncoder.from_config(config.vision_config, config.vision_feature_layer,
                                                                   trainable)
         text_hidden = config.text_config.hidden_size
-        if config.projector == "resampler":
+        if config.projector == "resampler" and config.resampler_type == "spatial":
+            self.projector = SpatialResampler(self.vision_tower.hidden_size, text_hidden, config.num_queries,
+                                              config.resampler_heads)
+        elif config.projector == "resampler":
             self.projector = PerceiverResampler(self.vision_tower.hidden_size, text_hidden, config.num_queries,
                                                 config.resampler_heads)
         else:
