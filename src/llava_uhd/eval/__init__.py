@@ -1,0 +1,1 @@
+"""Evaluation helpers: greedy answers to exactly checkable questions, scored per question kind."""
