@@ -159,6 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_ablate_arguments(p)
     p.set_defaults(func=run_ablate)
 
+    from .nano import add_train_nano_arguments, run_train_nano
+    from .serve.ask import add_ask_arguments, run_ask
+
+    p = sub.add_parser("ask", help="answer a question about an image (the nano model by default)",
+                       description="Answer a question about an image on the CPU: the nano LLaVA-UHD (installed "
+                                   "backbones + the shipped resampler and LoRA weights) unless --model is given.")
+    add_ask_arguments(p)
+    p.set_defaults(func=run_ask)
+
+    p = sub.add_parser("train-nano", help="train the nano LLaVA-UHD (DINOv2-S/14 + SmolLM2-135M) on synthetic data",
+                       description="Train the nano LLaVA-UHD and the same backbones with image_strategy=pad, evaluate "
+                                   "both on held-out synthetic fine-detail questions, export the shippable weights.")
+    add_train_nano_arguments(p)
+    p.set_defaults(func=run_train_nano)
+
     from .backbones import add_build_arguments, run_build
 
     p = sub.add_parser("build", help="compose a LLaVA-UHD from offline backbones (DINOv2-S/14 + SmolLM2-135M)",

@@ -1,0 +1,1 @@
+"""Serving LLaVA-UHD: ``llava-uhd ask`` (`llava_uhd.serve.ask`)."""

