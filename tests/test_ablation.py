@@ -64,7 +64,8 @@ def test_quick_run_writes_everything(quick_run, capsys):
     assert set(results["variants"]) == set(VARIANTS)
     kinds = results["kinds"]
     assert kinds == list(ablation.ABLATION_KINDS)
-    assert results["fine_detail_kinds"] == [k for k in kinds if k in FINE_DETAIL_KINDS]
+    fine = [k for k in kinds if k in FINE_DETAIL_KINDS or k in ablation.PROBE_KINDS]
+    assert results["fine_detail_kinds"] == fine and fine
     assert "grey_probe" not in results["fine_detail_kinds"]
     for name, r in results["variants"].items():
         assert r["steps"] == 2 and len(r["loss_curve"]) == 2 and r["train_time_s"] > 0
@@ -233,3 +234,16 @@ def test_probe_samples_are_deterministic_and_true_to_their_pixels():
         quarter = ("top" if y0 < h / 2 else "bottom") + "-" + ("left" if x0 < w / 2 else "right")
         expected = {"probe_shape": shape["shape"], "probe_colour": shape["colour"], "probe_where": quarter}
         assert s.answer == expected[s.kind]
+
+
+def test_generator_kinds_give_the_generate_dataset_samples():
+    import numpy as np
+
+    from llava_uhd.data.synthetic import generate_sample, sample_seed
+
+    settings = AblationSettings(kinds=("corner_colour", "count"), max_side=200)
+    ours = make_samples(4, 9, settings)
+    for i, s in enumerate(ours):
+        ref = generate_sample(sample_seed(9, i), ["corner_colour", "count"], 64, 200, 6.0)
+        assert (s.question, s.answer, s.kind) == (ref.question, ref.answer, ref.kind)
+        assert np.array_equal(np.asarray(s.image), np.asarray(ref.image))
