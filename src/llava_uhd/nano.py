@@ -562,14 +562,19 @@ def _build(backbones: _Backbones, settings: NanoSettings, variant: str, seed: in
     if backbones.round_vision:
         round_linear_int8_(model.vision_tower)
     model.freeze_vision_tower(True)
-    tok = processor.tokenizer
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.do_sample = False
-    for name in ("temperature", "top_p", "top_k"):
-        if hasattr(model.generation_config, name):
-            setattr(model.generation_config, name, None)
+    _set_greedy_generation(model, processor.tokenizer)
     return model, processor
+
+
+def _set_greedy_generation(model, tokenizer) -> None:
+    """Greedy decoding with the tokenizer's pad / eos ids, without sampling settings that would only warn."""
+    config = model.generation_config
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.do_sample = False
+    for name in ("temperature", "top_p", "top_k"):
+        if hasattr(config, name):
+            setattr(config, name, None)
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -869,13 +874,7 @@ def load_nano(weights_dir=None, *, cache_dir=None, device: str = "cpu", vision=N
     if merge_lora:
         model.language_model = model.language_model.merge_and_unload()
     model.freeze_vision_tower(True)
-    tok = processor.tokenizer
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.do_sample = False
-    for name in ("temperature", "top_p", "top_k"):
-        if hasattr(model.generation_config, name):
-            setattr(model.generation_config, name, None)
+    _set_greedy_generation(model, processor.tokenizer)
     model.requires_grad_(False)
     return model.to(device).eval(), processor, config
 

@@ -45,7 +45,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["get_2d_sincos_pos_embed", "PerceiverResampler", "check_packed_inputs"]
+__all__ = ["get_2d_sincos_pos_embed", "PerceiverResampler", "check_packed_inputs", "group_crops"]
 
 
 def _sincos_1d(embed_dim: int, pos: Tensor) -> Tensor:
@@ -111,6 +111,26 @@ def check_packed_inputs(features: Tensor, patch_grid_hw: Tensor, vision_dim: int
             f"over {len(grids)} crops"
         )
     return grids
+
+
+def group_crops(grids: list[tuple[int, int]], device) -> tuple[list[int], dict[tuple[int, int], Tensor]]:
+    """Where each packed crop starts, and for each distinct grid the ``(G, h*w)`` row indices of its crops.
+
+    Returns ``(starts, groups)`` with ``groups[(h, w)] = (crop_indices (G,), rows (G, h*w))``, grids in order of
+    first appearance, so each group can be gathered as one dense batch with ``features[rows]``.
+    """
+    starts, total = [], 0
+    for h, w in grids:
+        starts.append(total)
+        total += h * w
+    members: dict[tuple[int, int], list[int]] = {}
+    for k, g in enumerate(grids):
+        members.setdefault(g, []).append(k)
+    groups = {}
+    for (h, w), ks in members.items():
+        st = torch.tensor([starts[k] for k in ks], device=device)
+        groups[(h, w)] = (torch.tensor(ks, device=device), st[:, None] + torch.arange(h * w, device=device)[None, :])
+    return starts, groups
 
 
 class PerceiverResampler(nn.Module):
@@ -224,9 +244,7 @@ class PerceiverResampler(nn.Module):
             return x.new_zeros(0, Q, H)
 
         counts = [h * w for h, w in grids]
-        starts = [0] * K
-        for k in range(1, K):
-            starts[k] = starts[k - 1] + counts[k - 1]
+        starts, groups = group_crops(grids, device)
 
         if self.batching == "pad" and len(set(grids)) > 1:
             L = max(counts)
@@ -237,21 +255,14 @@ class PerceiverResampler(nn.Module):
             idx = torch.where(valid, st[:, None] + ar[None, :], torch.zeros((), dtype=torch.long, device=device))
             xb = x[idx]  # (K, L, hidden); padded rows are arbitrary and masked out below
             pos = x.new_zeros(K, L, H)
-            for g in set(grids):
-                ks = [k for k in range(K) if grids[k] == g]
-                pos[ks, : g[0] * g[1]] = self.pos_embed(*g, device=device, dtype=x.dtype)
+            for (h, w), (ks, _) in groups.items():
+                pos[ks, : h * w] = self.pos_embed(h, w, device=device, dtype=x.dtype)
             return self._attend(xb, pos, key_padding_mask=~valid)
 
         out = x.new_empty(K, Q, H)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for k, g in enumerate(grids):
-            groups.setdefault(g, []).append(k)
-        for (h, w), ks in groups.items():
-            n = h * w
-            st = torch.tensor([starts[k] for k in ks], device=device)
-            idx = st[:, None] + torch.arange(n, device=device)[None, :]  # (G, n)
+        for (h, w), (ks, idx) in groups.items():
             pos = self.pos_embed(h, w, device=device, dtype=x.dtype).unsqueeze(0)
-            out[torch.tensor(ks, device=device)] = self._attend(x[idx], pos)
+            out[ks] = self._attend(x[idx], pos)
         return out
 
     def forward_split(self, features: Tensor, patch_grid_hw: Tensor) -> list[Tensor]:

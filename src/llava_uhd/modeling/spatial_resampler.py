@@ -72,7 +72,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor, nn
 
-from .resampler import check_packed_inputs, get_2d_sincos_pos_embed
+from .resampler import check_packed_inputs, get_2d_sincos_pos_embed, group_crops
 
 __all__ = ["SpatialResampler", "pooling_size", "roi_align_matrix", "POOLING_CANDIDATES"]
 
@@ -281,20 +281,12 @@ class SpatialResampler(nn.Module):
         x = self.ln_kv(self.kv_proj(features.to(dtype)))  # (P, hidden)
         if K == 0:
             return x.new_zeros(0, Q, H)
-        starts = [0] * K
-        for k in range(1, K):
-            starts[k] = starts[k - 1] + grids[k - 1][0] * grids[k - 1][1]
-        groups: dict[tuple[int, int], list[int]] = {}
-        for k, g in enumerate(grids):
-            groups.setdefault(g, []).append(k)
         out = x.new_empty(K, Q, H)
-        for (h, w), ks in groups.items():
-            st = torch.tensor([starts[k] for k in ks], device=device)
-            idx = st[:, None] + torch.arange(h * w, device=device)[None, :]  # (G, n)
+        for (h, w), (ks, idx) in group_crops(grids, device)[1].items():
             values = self.roi_pool(x[idx], (h, w))  # (G, Q, L, hidden)
             pos = self.roi_pool(self.key_pos_embed((h, w)).to(device).unsqueeze(0), (h, w))  # (1, Q, L, hidden)
             keys = values + pos.to(values.dtype)
-            out[torch.tensor(ks, device=device)] = self._attend(keys, values)
+            out[ks] = self._attend(keys, values)
         return out
 
     def forward_split(self, features: Tensor, patch_grid_hw: Tensor) -> list[Tensor]:
