@@ -78,3 +78,21 @@ def test_cost_text(capsys):
     assert main(["cost", "--width", "1000", "--height", "500", "--llm-params", "7e9"]) == 0
     out = capsys.readouterr().out
     assert "total TFLOPs" in out and "llava-next" in out and "7B" in out
+
+
+def test_example_image_with_a_question(tmp_path, capsys):
+    from llava_uhd.data.synthetic import generate_sample
+
+    out = tmp_path / "q.png"
+    assert main(["example-image", str(out), "--width", "640", "--height", "480", "--kind", "corner_colour",
+                 "--seed", "5"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    sample = generate_sample(5, kinds="corner_colour", size=(640, 480))
+    assert printed[1:] == [f"question: {sample.question}", f"answer: {sample.answer}"]
+    assert Image.open(out).size == (640, 480)
+    assert Image.open(out).tobytes() == sample.image.tobytes()
+    assert main(["example-image", str(out), "--width", "20", "--height", "480", "--kind", "count"]) == 2
+    assert "at least 32x32" in capsys.readouterr().err
+    assert main(["example-image", str(out), "--width", "0", "--height", "480"]) == 2
+    with pytest.raises(SystemExit):
+        main(["example-image", str(out), "--kind", "nope"])

@@ -467,3 +467,16 @@ def test_generated_answers_are_correct_for_themselves():
         if KINDS[s.kind].answer_type == "number":
             words = {v: k for k, v in syn._NUMBER_WORDS.items()}
             assert is_correct(words[s.answer].capitalize(), s.answer, s.kind)
+
+
+def test_fixed_size_keeps_the_scene_stream_and_checks_the_size():
+    """``size=`` replaces the drawn size only: kind and question come from the same random stream, the scene is
+    laid out on the requested canvas, and a canvas too small for a scene is refused."""
+    free = generate_sample(11, kinds=["corner_colour", "count"], max_side=600)
+    fixed = generate_sample(11, kinds=["corner_colour", "count"], max_side=600, size=(700, 300))
+    assert fixed.image.size == (700, 300) and (fixed.metadata["width"], fixed.metadata["height"]) == (700, 300)
+    assert fixed.kind == free.kind
+    assert generate_sample(11, size=(700, 300)).image.tobytes() == generate_sample(11, size=(700, 300)).image.tobytes()
+    assert all(0 <= sh["box"][0] and sh["box"][2] <= 700 and sh["box"][3] <= 300 for sh in fixed.metadata["shapes"])
+    with pytest.raises(ValueError, match="at least 32x32"):
+        generate_sample(0, size=(31, 400))

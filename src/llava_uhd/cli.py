@@ -103,10 +103,27 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_example_image(args) -> int:
-    from .visualize import make_example_image
+    if args.width < 1 or args.height < 1:
+        print(f"llava-uhd example-image: width and height must be >= 1, got {args.width}x{args.height}",
+              file=sys.stderr)
+        return 2
+    if args.kind is None:
+        from .visualize import make_example_image
 
-    make_example_image(args.width, args.height, args.seed).save(args.out)
-    print(f"wrote {args.out} ({args.width}x{args.height})")
+        make_example_image(args.width, args.height, args.seed).save(args.out)
+        print(f"wrote {args.out} ({args.width}x{args.height})")
+        return 0
+    from .data.synthetic import generate_sample
+
+    try:
+        sample = generate_sample(args.seed, kinds=args.kind, size=(args.width, args.height))
+    except ValueError as e:
+        print(f"llava-uhd example-image: {e}", file=sys.stderr)
+        return 2
+    sample.image.save(args.out)
+    print(f"wrote {args.out} ({args.width}x{args.height}, a synthetic {args.kind!r} question, seed {args.seed})")
+    print(f"question: {sample.question}")
+    print(f"answer: {sample.answer}")
     return 0
 
 
@@ -191,11 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_arguments(p)
     p.set_defaults(func=run_convert)
 
+    from .data.synthetic import KINDS
+
     p = sub.add_parser("example-image", help="write a generated example image with fine detail")
     p.add_argument("out", help="output path (PNG)")
     p.add_argument("--width", type=int, default=1008)
     p.add_argument("--height", type=int, default=672)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kind", default=None, choices=list(KINDS),
+                   help="draw a synthetic question image of this kind instead (the nano model's training "
+                        "distribution) and print its question and answer")
     p.set_defaults(func=_cmd_example_image)
     return parser
 

@@ -553,15 +553,20 @@ def _check_kinds(kinds: Sequence[str] | str | None) -> list[str]:
 
 
 def generate_sample(rng_or_seed: int | random.Random | np.random.Generator, kinds: Sequence[str] | str | None = None,
-                    min_side: int = 64, max_side: int = 2000, max_aspect: float = 6.0) -> SyntheticSample:
-    """One sample: a kind drawn uniformly from ``kinds`` (default: all), a size from `sample_size`, then the kind's
-    scene, question and answer. Deterministic given an int seed (or the state of the ``random.Random`` passed,
-    which it advances); a numpy Generator is used only to draw a seed."""
+                    min_side: int = 64, max_side: int = 2000, max_aspect: float = 6.0,
+                    size: tuple[int, int] | None = None) -> SyntheticSample:
+    """One sample: a kind drawn uniformly from ``kinds`` (default: all), a size from `sample_size` (or ``size``,
+    ``(W, H)``, when given), then the kind's scene, question and answer. Deterministic given an int seed (or the
+    state of the ``random.Random`` passed, which it advances); a numpy Generator is used only to draw a seed."""
     kinds = _check_kinds(kinds)
     _check_sizes(min_side, max_side, max_aspect)
     rng, seed = _as_rng(rng_or_seed)
     kind = rng.choice(kinds)
-    w, h = sample_size(rng, min_side, max_side, max_aspect)
+    w, h = sample_size(rng, min_side, max_side, max_aspect)  # drawn even when ``size`` is given: same scene stream
+    if size is not None:
+        w, h = (int(v) for v in size)
+        if w < 32 or h < 32:
+            raise ValueError(f"size must be at least 32x32 (room for the scene), got {w}x{h}")
     image, background = _background(rng, w, h)
     question, answer, meta, shapes, text = _GENERATORS[kind](rng, image, w, h)
     _draw_shapes(image, shapes)
