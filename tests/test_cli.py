@@ -96,3 +96,11 @@ def test_example_image_with_a_question(tmp_path, capsys):
     assert main(["example-image", str(out), "--width", "0", "--height", "480"]) == 2
     with pytest.raises(SystemExit):
         main(["example-image", str(out), "--kind", "nope"])
+    # a single-shape probe (the nano model's default kinds)
+    from llava_uhd.nano import NanoSettings
+    from llava_uhd.train.ablation import probe_sample
+
+    assert main(["example-image", str(out), "--width", "500", "--height", "900", "--kind", "probe_colour"]) == 0
+    probe = probe_sample(0, "probe_colour", NanoSettings(), size=(500, 900))
+    assert capsys.readouterr().out.splitlines()[1:] == [f"question: {probe.question}", f"answer: {probe.answer}"]
+    assert Image.open(out).tobytes() == probe.image.tobytes()

@@ -95,6 +95,10 @@ def test_quick_run_end_to_end(run):
     plan = results["plan"]  # the time budget: calibrated, nothing to scale down for a quick run
     assert plan["scale"] == 1.0 and plan["used"] == plan["requested"] == {"steps1": 1, "steps2": 1}
     assert set(plan["calibration_s_per_step"]) == {"uhd", "pad"} and plan["estimated_train_s"] > 0
+    # progress while training: one line per logged step, per variant and stage
+    for variant in ("uhd", "pad"):
+        for stage in (1, 2):
+            assert any(f"{variant} stage {stage} step 1/1: loss " in m and "s/step" in m for m in messages)
 
 
 def test_exported_weights_are_small_and_complete(run):
@@ -261,6 +265,29 @@ def test_caption_lists_every_shape_by_ninth():
         assert f"{sh['colour']} {sh['shape']} at " in text
     band = generate_sample(5, ["grey_probe"], 300, 600, 2.0)
     assert caption(band).startswith(f"a {band.answer} band on the {band.metadata['band']['side']}")
+    # a single-shape probe (the default kinds): its one shape, in the ninth that holds its centre
+    from llava_uhd.train.ablation import probe_sample
+
+    probe = probe_sample(4, "probe_where", NanoSettings(), size=(900, 300))
+    x0, y0, x1, y1 = probe.metadata["shape"]["box"]
+    ninth = ["top-left", "top", "top-right", "left", "centre", "right", "bottom-left", "bottom",
+             "bottom-right"][min(2, int(3 * (y0 + y1) / 2 / 300)) * 3 + min(2, int(3 * (x0 + x1) / 2 / 900))]
+    sh = probe.metadata["shape"]
+    assert caption(probe) == f"{sh['colour']} {sh['shape']} at {ninth}."
+
+
+def test_default_kinds_are_the_probes_and_their_samples_are_the_ablations():
+    from llava_uhd.nano import NANO_KINDS, _fine_kinds, _SyntheticSamples
+    from llava_uhd.train.ablation import PROBE_KINDS, make_samples
+
+    settings = NanoSettings()
+    assert set(NANO_KINDS) == set(PROBE_KINDS) | {"grey_probe"} and settings.kinds == NANO_KINDS
+    assert set(PROBE_KINDS) <= set(_fine_kinds()) and "grey_probe" not in _fine_kinds()
+    ours = _SyntheticSamples(6, 3, settings)
+    theirs = make_samples(6, 3, settings)
+    assert [(s.kind, s.question, s.answer, s.image.size) for s in (ours[i] for i in range(6))] == \
+        [(s.kind, s.question, s.answer, s.image.size) for s in theirs]
+    assert all(320 <= min(s.image.size) and max(s.image.size) <= 1200 for s in theirs)
 
 
 def test_int8_rounding_is_exact_and_idempotent_on_rows():
@@ -340,7 +367,9 @@ def test_data_loaders_keep_the_order(monkeypatch):
 def test_settings_are_checked(tmp_path):
     with pytest.raises(ValueError, match="kinds"):
         NanoSettings(kinds=("nope",)).check()
+    NanoSettings(kinds=("corner_colour", "probe_colour")).check()  # generator kinds and probes mix
     with pytest.raises(ValueError, match="steps1"):
         NanoSettings(steps1=0).check()
     with pytest.raises(ValueError, match="variants"):
         train_nano(tmp_path, variants=("mlp",))
+

@@ -114,9 +114,15 @@ def _cmd_example_image(args) -> int:
         print(f"wrote {args.out} ({args.width}x{args.height})")
         return 0
     from .data.synthetic import generate_sample
+    from .train.ablation import PROBE_KINDS, probe_sample
 
     try:
-        sample = generate_sample(args.seed, kinds=args.kind, size=(args.width, args.height))
+        if args.kind in PROBE_KINDS:
+            from .nano import NanoSettings  # the nano model's probe settings (shape of 14-24 px)
+
+            sample = probe_sample(args.seed, args.kind, NanoSettings(), size=(args.width, args.height))
+        else:
+            sample = generate_sample(args.seed, kinds=args.kind, size=(args.width, args.height))
     except ValueError as e:
         print(f"llava-uhd example-image: {e}", file=sys.stderr)
         return 2
@@ -209,13 +215,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=run_convert)
 
     from .data.synthetic import KINDS
+    from .train.ablation import PROBE_KINDS
 
     p = sub.add_parser("example-image", help="write a generated example image with fine detail")
     p.add_argument("out", help="output path (PNG)")
     p.add_argument("--width", type=int, default=1008)
     p.add_argument("--height", type=int, default=672)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kind", default=None, choices=list(KINDS),
+    p.add_argument("--kind", default=None, choices=[*KINDS, *PROBE_KINDS],
                    help="draw a synthetic question image of this kind instead (the nano model's training "
                         "distribution) and print its question and answer")
     p.set_defaults(func=_cmd_example_image)

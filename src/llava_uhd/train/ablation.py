@@ -93,6 +93,7 @@ __all__ = [
     "PROBE_KINDS",
     "CHAT_TEMPLATE",
     "AblationSettings",
+    "make_sample",
     "make_samples",
     "probe_sample",
     "build_tokenizer",
@@ -214,8 +215,9 @@ PROBE_KINDS: dict[str, tuple[str, str]] = {
 }
 
 
-def probe_sample(seed: int, kind: str, settings: AblationSettings):
-    """One single-shape probe: drawn with `llava_uhd.data.synthetic`'s palette, masks and size sampler."""
+def probe_sample(seed: int, kind: str, settings: AblationSettings, size: tuple[int, int] | None = None):
+    """One single-shape probe: drawn with `llava_uhd.data.synthetic`'s palette, masks and size sampler (``size``,
+    ``(W, H)``, replaces the drawn size; the rest of the scene comes from the same random stream)."""
     import random
 
     from PIL import Image
@@ -224,6 +226,11 @@ def probe_sample(seed: int, kind: str, settings: AblationSettings):
 
     rng = random.Random(seed)
     w, h = sample_size(rng, settings.min_side, settings.max_side, settings.max_aspect)
+    if size is not None:
+        w, h = (int(v) for v in size)
+        if min(w, h) < 2 * settings.probe_size[1] + 4:
+            raise ValueError(f"size must be at least {2 * settings.probe_size[1] + 4} px per side for a "
+                             f"{settings.probe_size[1]}-px probe shape, got {w}x{h}")
     background = tuple(rng.randint(205, 250) for _ in range(3))
     image = Image.new("RGB", (w, h), background)
     colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
@@ -242,25 +249,28 @@ def probe_sample(seed: int, kind: str, settings: AblationSettings):
     return SyntheticSample(image=image, question=PROBE_KINDS[kind][0], answer=answer, kind=kind, metadata=meta)
 
 
-def make_samples(n: int, seed: int, settings: AblationSettings) -> list:
-    """Samples ``0..n-1`` with ``seed``. With only `llava_uhd.data.synthetic` kinds these are exactly the samples
-    `generate_dataset(seed=seed, kinds=...)` writes; `PROBE_KINDS` are drawn with `probe_sample`."""
+def make_sample(index: int, seed: int, settings) -> Any:
+    """Sample ``index`` of the set drawn with ``seed``. With only `llava_uhd.data.synthetic` kinds it is exactly
+    the sample `generate_dataset(seed=seed, kinds=...)` writes; `PROBE_KINDS` are drawn with `probe_sample`.
+    ``settings``: anything with ``kinds``, ``min_side``, ``max_side``, ``max_aspect`` and ``probe_size`` (this
+    module's `AblationSettings`, `llava_uhd.nano.NanoSettings`)."""
     import random
 
     from ..data.synthetic import generate_sample, sample_seed
 
     kinds = list(settings.kinds)
     generator = [k for k in kinds if k not in PROBE_KINDS]
-    out = []
-    for i in range(n):
-        sseed = sample_seed(seed, i)
-        kind = random.Random(sseed).choice(kinds) if len(generator) < len(kinds) else None
-        if kind is None or kind not in PROBE_KINDS:
-            out.append(generate_sample(sseed if kind is None else sseed + 1, generator if kind is None else [kind],
-                                       settings.min_side, settings.max_side, settings.max_aspect))
-        else:
-            out.append(probe_sample(sseed + 1, kind, settings))
-    return out
+    sseed = sample_seed(seed, index)
+    kind = random.Random(sseed).choice(kinds) if len(generator) < len(kinds) else None
+    if kind is None or kind not in PROBE_KINDS:
+        return generate_sample(sseed if kind is None else sseed + 1, generator if kind is None else [kind],
+                               settings.min_side, settings.max_side, settings.max_aspect)
+    return probe_sample(sseed + 1, kind, settings)
+
+
+def make_samples(n: int, seed: int, settings: AblationSettings) -> list:
+    """Samples ``0..n-1`` with ``seed`` (`make_sample`)."""
+    return [make_sample(i, seed, settings) for i in range(n)]
 
 
 def _records(samples) -> list[dict]:
