@@ -607,8 +607,6 @@ def _progress_callback(say: Callable[[str], None] | None, variant: str, stage: i
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
-        t0 = time.perf_counter()
-
         def on_train_begin(self, args, state, control, **kwargs):
             self.t0 = time.perf_counter()
 
