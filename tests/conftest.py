@@ -100,3 +100,34 @@ def random_image(width: int, height: int, seed: int = 0):
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tiny_tokenizer()
+
+
+def cuda_like_autocast(dtype=None):
+    """A context manager applying CUDA autocast's dtype rules on the CPU, for the ops a LLaVA-UHD forward uses:
+    matrix products in bfloat16, layer norms / softmax / losses in float32. CPU autocast runs layer norms in
+    bfloat16 too, so code that mixes a norm's output with a product's (a buffer made from one, written with the
+    other) passes there and only breaks on a GPU; under this it breaks here. The ops are intercepted where they
+    are called from Python: those inside an op this does not list (``F.multi_head_attention_forward``) keep
+    their input dtypes."""
+    import torch
+
+    F = torch.nn.functional
+    low = {F.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.mm, torch.baddbmm,
+           torch.addmm, F.scaled_dot_product_attention, F.conv2d}
+    fp32 = {F.layer_norm, F.group_norm, F.rms_norm, F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax,
+            F.cross_entropy, F.nll_loss}
+    dtype = dtype or torch.bfloat16
+
+    def cast(values, to):
+        return [v.to(to) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for v in values]
+
+    class CudaLikeAutocast(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            to = dtype if func in low else torch.float32 if func in fp32 else None
+            if to is not None:
+                args = tuple(cast(args, to))
+                kwargs = dict(zip(kwargs, cast(kwargs.values(), to)))
+            return func(*args, **kwargs)
+
+    return CudaLikeAutocast()

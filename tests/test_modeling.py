@@ -247,3 +247,27 @@ def test_from_backbones_with_a_gguf_llm(tmp_path):
     batch = processor(images=[random_image(80, 50)], text=["<image>\nWhat is this?"], answers=["A picture."])
     with torch.no_grad():
         assert torch.isfinite(model(**batch).loss)
+
+
+def test_forward_backward_and_generate_under_cuda_like_autocast():
+    """The bf16 training on a GPU runs under CUDA autocast; `cuda_like_autocast` applies its dtype rules here.
+    (A resampler buffer made from a float32 norm output and written with bfloat16 attention output broke the
+    first GPU run.)"""
+    from conftest import cuda_like_autocast
+
+    model, processor = build_tiny("clip", max_slices=4)
+    batch = processor(images=[random_image(90, 50, 1), random_image(40, 100, 2)], text=[PROMPT, PROMPT],
+                      answers=["red", "blue"])
+    with torch.no_grad():
+        ref = model(**batch).loss
+    model.train()
+    with cuda_like_autocast():
+        out = model(**batch)
+        out.loss.backward()
+    assert abs(out.loss.item() - ref.item()) / ref.item() < 0.05  # bfloat16 products: close, not equal
+    assert model.projector.query.grad is not None and torch.isfinite(model.projector.query.grad).all()
+    model.eval()
+    prompt = processor(images=[random_image(90, 50, 1)], text=[PROMPT])
+    with torch.no_grad(), cuda_like_autocast():
+        generated = model.generate(**prompt, max_new_tokens=3, do_sample=False)
+    assert generated.shape[0] == 1 and generated.shape[1] >= prompt["input_ids"].shape[1] + 1

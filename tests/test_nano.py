@@ -236,6 +236,45 @@ def test_cached_feature_model_and_collator():
         model(**fast, pixel_values=batch["pixel_values"])
 
 
+class _ManyTensors:
+    """Encoded-sample-shaped items, ten tensors each (what `_EncodedSamples` gives, minus the image work)."""
+
+    def __len__(self):
+        return 300
+
+    def __getitem__(self, i):
+        ids = torch.arange(4) + i
+        return {"index": i, "pixel_values": torch.full((2, 3), float(i)), "patch_grid_hw": torch.tensor([[1, 1], [1, 1]]),
+                "crop_image_ids": torch.zeros(2, dtype=torch.long), "crop_is_overview": torch.tensor([False, True]),
+                "image_layout": torch.tensor([[1, 1]]), "image_sizes": torch.tensor([[5, 5]]),
+                "caption": (ids, ids.clone()), "qa": (ids + 1, ids - 1)}
+
+
+def test_cache_features_keeps_no_worker_shared_memory(monkeypatch):
+    """Samples from DataLoader worker processes arrive in shared memory, each tensor holding a descriptor open:
+    16000 kept samples of ten tensors each passed the GPU machine's 20000-descriptor limit and the run died with
+    "received 0 items of ancdata" (2216 did on a CPU with the same limit). The cache must hold its own copies."""
+    from types import SimpleNamespace
+
+    import llava_uhd.nano as nano
+
+    def tower(pixels, grids):
+        return pixels * 2
+
+    tower.dtype = torch.float32
+    monkeypatch.setattr(nano, "_MIN_SHM", 0)  # worker processes even where /dev/shm is small
+    loader = nano._loader(_ManyTensors(), batch_size=50, workers=1)
+    assert isinstance(loader, torch.utils.data.DataLoader)
+    cached = nano.cache_features(SimpleNamespace(vision_tower=tower), loader, "cpu")
+    assert [c["index"] for c in cached] == list(range(300))
+    shared = [k for c in cached for k, v in c.items()
+              for t in (v if isinstance(v, tuple) else (v,)) if torch.is_tensor(t) and t.is_shared()]
+    assert not shared, shared[:5]
+    last = cached[-1]
+    assert torch.equal(last["pixel_values"], torch.full((2, 3), 2.0 * 299))
+    assert torch.equal(last["qa"][1], torch.arange(4) + 298) and last["crop_is_overview"].tolist() == [False, True]
+
+
 def test_encode_sample_matches_the_project_dataset(cache):
     from llava_uhd.data.llava_data import LazySupervisedDataset
     from llava_uhd.nano import _model_settings

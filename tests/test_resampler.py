@@ -250,6 +250,24 @@ def test_bf16_and_pos_cache():
     assert "_pos_cache" not in str(list(m.state_dict()))
 
 
+@pytest.mark.parametrize("kind", ["perceiver", "spatial"])
+def test_output_takes_the_attention_dtype_as_under_cuda_autocast(kind, monkeypatch):
+    """CUDA autocast keeps layer norms in float32 but runs the attention in bfloat16 (CPU autocast runs both in
+    bfloat16, so it cannot show this): the output buffer must follow the attention, not the normed input."""
+    from llava_uhd.modeling.spatial_resampler import SpatialResampler
+
+    torch.manual_seed(0)
+    m = make() if kind == "perceiver" else SpatialResampler(VD, 128, 16).eval()
+    x, g = packed([(4, 4), (3, 5), (4, 4)])  # two grids: two groups scattered into one buffer
+    with torch.no_grad():
+        ref = m(x, g)
+        attend = type(m)._attend
+        monkeypatch.setattr(m, "_attend", lambda *a, **k: attend(m, *a, **k).to(torch.bfloat16))
+        out = m(x, g)
+    assert ref.dtype == torch.float32 and out.dtype == torch.bfloat16
+    assert torch.equal(out, ref.to(torch.bfloat16))
+
+
 def test_resampler_errors():
     m = make()
     x, g = packed([(2, 3), (1, 4)])

@@ -349,9 +349,23 @@ def cache_features(model, batches, device, feature_dtype=None) -> list[dict]:
                 feats = feats.to(feature_dtype)
             counts = [int((b["patch_grid_hw"][:, 0] * b["patch_grid_hw"][:, 1]).sum()) for b in batch]
             for b, f in zip(batch, feats.split(counts)):
+                b = {k: _unshared(v) for k, v in b.items() if k != "pixel_values"}
                 b["pixel_values"] = f
                 out.append(b)
     return out
+
+
+def _unshared(value):
+    """``value`` with every tensor that a DataLoader worker sent through shared memory copied into this process.
+    Each shared tensor holds a file descriptor (or a /dev/shm file) open for as long as it lives: thousands of
+    kept samples exhaust the descriptors ("received 0 items of ancdata") or slow everything down."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.clone() if value.is_shared() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_unshared(v) for v in value)
+    return value
 
 
 def _training_items(cached: list[dict], key: str) -> list[dict]:

@@ -133,6 +133,19 @@ def group_crops(grids: list[tuple[int, int]], device) -> tuple[list[int], dict[t
     return starts, groups
 
 
+def scatter_groups(num_crops: int, parts: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """Put each group's output ``(G, Q, H)`` back at its crop indices: ``(num_crops, Q, H)``.
+
+    The result takes the dtype the groups came out in, not the input's: under CUDA autocast the layer norms give
+    float32 and the attention bfloat16, so a buffer allocated from the input would refuse the write.
+    """
+    first = parts[0][1]
+    out = first.new_empty(num_crops, *first.shape[1:])
+    for ks, y in parts:
+        out[ks] = y
+    return out
+
+
 class PerceiverResampler(nn.Module):
     """Compress each crop's ``h_p * w_p`` ViT features to ``num_queries`` tokens of width ``hidden_size``.
 
@@ -259,11 +272,11 @@ class PerceiverResampler(nn.Module):
                 pos[ks, : h * w] = self.pos_embed(h, w, device=device, dtype=x.dtype)
             return self._attend(xb, pos, key_padding_mask=~valid)
 
-        out = x.new_empty(K, Q, H)
+        parts = []
         for (h, w), (ks, idx) in groups.items():
             pos = self.pos_embed(h, w, device=device, dtype=x.dtype).unsqueeze(0)
-            out[ks] = self._attend(x[idx], pos)
-        return out
+            parts.append((ks, self._attend(x[idx], pos)))
+        return scatter_groups(K, parts)
 
     def forward_split(self, features: Tensor, patch_grid_hw: Tensor) -> list[Tensor]:
         """Same as `forward`, as a list of K tensors ``(num_queries, hidden_size)`` (one per crop)."""

@@ -72,7 +72,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor, nn
 
-from .resampler import check_packed_inputs, get_2d_sincos_pos_embed, group_crops
+from .resampler import check_packed_inputs, get_2d_sincos_pos_embed, group_crops, scatter_groups
 
 __all__ = ["SpatialResampler", "pooling_size", "roi_align_matrix", "POOLING_CANDIDATES"]
 
@@ -281,13 +281,13 @@ class SpatialResampler(nn.Module):
         x = self.ln_kv(self.kv_proj(features.to(dtype)))  # (P, hidden)
         if K == 0:
             return x.new_zeros(0, Q, H)
-        out = x.new_empty(K, Q, H)
+        parts = []
         for (h, w), (ks, idx) in group_crops(grids, device)[1].items():
             values = self.roi_pool(x[idx], (h, w))  # (G, Q, L, hidden)
             pos = self.roi_pool(self.key_pos_embed((h, w)).to(device).unsqueeze(0), (h, w))  # (1, Q, L, hidden)
             keys = values + pos.to(values.dtype)
-            out[ks] = self._attend(keys, values)
-        return out
+            parts.append((ks, self._attend(keys, values)))
+        return scatter_groups(K, parts)
 
     def forward_split(self, features: Tensor, patch_grid_hw: Tensor) -> list[Tensor]:
         """Same as `forward`, as a list of K tensors ``(num_queries, hidden_size)`` (one per crop)."""
