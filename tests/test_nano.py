@@ -101,6 +101,46 @@ def test_quick_run_end_to_end(run):
             assert any(f"{variant} stage {stage} step 1/1: loss " in m and "s/step" in m for m in messages)
 
 
+def test_stop_after_and_rerun_continue_the_run(cache, tmp_path):
+    """``stop_after_s`` pauses (a checkpoint at the step, then return); the same call again continues: between
+    stages, from a Trainer checkpoint in the middle of one, and, once finished, restores everything without
+    training. The continued run matches an uninterrupted one (same data order and optimizer state; AdamW's first
+    steps turn float32 noise in near-zero gradients into lr-sized moves, so the later losses agree to ~1e-3, not
+    bit for bit). Other settings in the same folder are refused."""
+    kw = dict(device="cpu", quick=True, variants=["uhd"], steps2=3, cache_dir=cache, workers=0, threads=1,
+              verify_export=False, log=None)
+    ref = train_nano(tmp_path / "ref", **kw)
+    out = tmp_path / "paused"
+    first = train_nano(out, stop_after_s=0, checkpoint_steps=1, **kw)
+    assert first["paused"]["at"] == "uhd stage 2" and not first["variants"]  # stage 1 (1 step) finished first
+    assert (out / "state" / "uhd-stage1" / "stage.json").is_file()
+    second = train_nano(out, stop_after_s=0, checkpoint_steps=1, **kw)
+    assert second["paused"]["at"] == "uhd stage 2 step 1/3"
+    assert [p.name for p in (out / "state" / "uhd-stage2").glob("checkpoint-*")] == ["checkpoint-1"]
+    messages: list[str] = []
+    done = train_nano(out, checkpoint_steps=1, **{**kw, "log": messages.append})
+    assert "paused" not in done and any("resuming from checkpoint-1" in m for m in messages)
+    assert done["variants"]["uhd"]["stage2"]["resumed_from_step"] == 1
+    assert not list((out / "state" / "uhd-stage2").glob("checkpoint-*"))  # dropped once the stage finished
+
+    def losses(folder):
+        return [(r["stage"], r["step"], r["loss"]) for r in map(json.loads, (folder / "train_log.jsonl").open())]
+
+    want, got = losses(tmp_path / "ref"), losses(out)
+    assert [w[:2] for w in want] == [g[:2] for g in got] == [(1, 1), (2, 1), (2, 2), (2, 3)]
+    assert got[:2] == want[:2]  # before any resumed optimizer step: identical
+    for (_, _, a), (_, _, b) in zip(want, got):
+        assert abs(a - b) <= 1e-2 * abs(a), (want, got)
+    assert done["variants"]["uhd"]["per_kind"].keys() == ref["variants"]["uhd"]["per_kind"].keys()
+
+    again = train_nano(out, checkpoint_steps=1, **{**kw, "log": messages.append})
+    assert messages[-1].endswith("uhd: finished by an earlier run (fine-detail accuracy "
+                                 f"{100 * done['variants']['uhd']['fine_detail']['accuracy']:.1f} %)")
+    assert again["variants"]["uhd"]["predictions"] == done["variants"]["uhd"]["predictions"]
+    with pytest.raises(ValueError, match=r"other settings \(lr1 differ: lr1 was 0.001, now 0.5\)"):
+        train_nano(out, lr1=0.5, **kw)
+
+
 def test_exported_weights_are_small_and_complete(run):
     out, results, _ = run
     folder = out / "nano_weights"

@@ -39,6 +39,7 @@ Command line: ``python -m llava_uhd.nano --out DIR [--device cuda] [--quick] ...
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -150,6 +151,8 @@ class NanoSettings:
     workers: int | None = None  # data workers; None: min(16, CPUs - 1) on CUDA, 0 on the CPU
     threads: int | None = None  # torch CPU threads (None: leave as is)
     time_budget_s: float | None = None  # scale the steps down (same for both variants) to fit this wall time
+    checkpoint_steps: int = 0  # save a resumable checkpoint every this many optimizer steps (0: only stage ends)
+    stop_after_s: float | None = None  # pause (checkpoint, exit) at the first step after this; rerun to continue
     logging_steps: int = 10
     verify_export: bool = True
 
@@ -170,6 +173,8 @@ class NanoSettings:
                      "eval_batch_size", "max_new_tokens", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_steps < 0:
+            raise ValueError(f"checkpoint_steps must be >= 0, got {self.checkpoint_steps}")
         if self.vision_rounding not in (VISION_ROUNDING, "none"):
             raise ValueError(f"vision_rounding must be {VISION_ROUNDING!r} or 'none', got {self.vision_rounding!r}")
         from .data.synthetic import KINDS
@@ -602,18 +607,59 @@ def _set_greedy_generation(model, tokenizer) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ training
-def _deadline_callback(deadline: float | None):
+STATE_DIR = "state"
+"""Inside a run's folder: what a rerun of the same command resumes from (``run.json``: the recipe and the planned
+steps; per variant and stage ``<variant>-stage<n>/``: Trainer checkpoints while it runs, then ``trained.safetensors``
++ ``stage.json``; per finished variant ``<variant>.json``: its evaluation)."""
+STAGE_FILE, TRAINED_FILE, ELAPSED_FILE = "stage.json", "trained.safetensors", "nano_elapsed.json"
+_MACHINE_FIELDS = ("workers", "threads", "time_budget_s", "checkpoint_steps", "stop_after_s", "logging_steps",
+                   "verify_export", "eval_batch_size")
+
+
+def _recipe(settings: NanoSettings) -> dict:
+    """The settings a resumed run must share with the run it continues (all but how the machine runs it)."""
+    return json.loads(json.dumps({k: v for k, v in asdict(settings).items() if k not in _MACHINE_FIELDS}))
+
+
+def _stop_callback(deadline: float | None, pause_at: float | None):
+    """Stops training at ``deadline`` (the time budget's backstop: the stage counts as done) or pauses it at
+    ``pause_at`` (a checkpoint is saved at that step, to resume from)."""
     from transformers import TrainerCallback
 
-    class Deadline(TrainerCallback):
-        hit = False
+    class Stop(TrainerCallback):
+        hit = paused = False
 
         def on_step_end(self, args, state, control, **kwargs):
-            if deadline is not None and time.perf_counter() > deadline:
+            now = time.perf_counter()
+            if pause_at is not None and now > pause_at and state.global_step < state.max_steps:
+                control.should_save = control.should_training_stop = True
+                self.paused = True
+            elif deadline is not None and now > deadline:
                 control.should_training_stop = True
-                Deadline.hit = True
+                self.hit = True
 
-    return Deadline()
+    return Stop()
+
+
+def _elapsed_callback(already: float):
+    """Keeps the stage's training seconds, summed over resumed runs, in every checkpoint (``nano_elapsed.json``)."""
+    from transformers import TrainerCallback
+
+    class Elapsed(TrainerCallback):
+        t0 = time.perf_counter()
+
+        def seconds(self) -> float:
+            return already + time.perf_counter() - self.t0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_save(self, args, state, control, **kwargs):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                (folder / ELAPSED_FILE).write_text(json.dumps({"seconds": self.seconds()}) + "\n")
+
+    return Elapsed()
 
 
 def _progress_callback(say: Callable[[str], None] | None, variant: str, stage: int):
@@ -622,29 +668,51 @@ def _progress_callback(say: Callable[[str], None] | None, variant: str, stage: i
 
     class Progress(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
-            self.t0 = time.perf_counter()
+            self.t0, self.first = time.perf_counter(), state.global_step
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if say is None or not logs or "loss" not in logs:
                 return
-            per_step = (time.perf_counter() - self.t0) / max(1, state.global_step)
+            per_step = (time.perf_counter() - self.t0) / max(1, state.global_step - self.first)
             say(f"    {variant} stage {stage} step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}, "
                 f"lr {logs.get('learning_rate', 0):.2e}, {per_step:.1f} s/step")
 
     return Progress()
 
 
+def _log_rows(log_history: list[dict], variant: str, stage: int) -> list[dict]:
+    return [{"variant": variant, "stage": stage, "step": h.get("step"), "loss": h["loss"],
+             "learning_rate": h.get("learning_rate"), "grad_norm": h.get("grad_norm")}
+            for h in log_history if "loss" in h]
+
+
 def _train_stage(model, processor, items, settings: NanoSettings, stage: int, steps: int, deadline, log_rows,
-                 variant: str, say: Callable[[str], None] | None = None):
+                 variant: str, say: Callable[[str], None] | None = None, stage_dir: Path | None = None,
+                 pause_at: float | None = None):
     """One stage with `LlavaUHDTrainer` (stage semantics from `prepare_stage`); ``say`` gets a progress line every
-    ``settings.logging_steps``. Returns (model, info)."""
+    ``settings.logging_steps``. Returns (model, info); ``info["paused"]`` when it stopped at ``pause_at``.
+
+    ``stage_dir`` (None: a temporary folder, nothing kept) holds the stage's state: Trainer checkpoints every
+    ``settings.checkpoint_steps`` steps and at a pause, which a rerun resumes from (same data order, optimizer,
+    schedule and random state); once the stage has finished, its trainable weights (``trained.safetensors``) and
+    info (``stage.json``), from which a rerun restores it instead of training it again."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
     from .train.arguments import LlavaUHDTrainingArguments
-    from .train.run import prepare_stage
+    from .train.run import last_complete_checkpoint, prepare_stage
     from .train.trainer import LlavaUHDTrainer
 
     device = settings.device
     use_bf16 = bool(settings.bf16) if settings.bf16 is not None else device.startswith("cuda")
-    with tempfile.TemporaryDirectory(prefix=f"llava-uhd-nano-{variant}-{stage}-") as tmp:
+    keep = stage_dir is not None
+    if keep:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+    with (contextlib.nullcontext(str(stage_dir)) if keep
+          else tempfile.TemporaryDirectory(prefix=f"llava-uhd-nano-{variant}-{stage}-")) as tmp:
+        save_steps = settings.checkpoint_steps if keep and settings.checkpoint_steps else None
         args = LlavaUHDTrainingArguments(
             output_dir=tmp, stage=stage, lora=stage == 2, lora_r=settings.lora_r, lora_alpha=settings.lora_alpha,
             lora_dropout=settings.lora_dropout, lora_target_modules=",".join(settings.lora_targets),
@@ -653,30 +721,57 @@ def _train_stage(model, processor, items, settings: NanoSettings, stage: int, st
             projector_lr=None if stage == 1 else settings.projector_lr2, lr_scheduler_type="cosine",
             warmup_steps=max(0, round(settings.warmup_fraction * steps)), weight_decay=settings.weight_decay,
             max_grad_norm=settings.max_grad_norm, logging_steps=max(1, min(settings.logging_steps, steps)),
-            save_strategy="no", report_to="none", use_cpu=not device.startswith("cuda"), bf16=use_bf16,
+            save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, save_total_limit=1,
+            report_to="none", use_cpu=not device.startswith("cuda"), bf16=use_bf16,
             dataloader_num_workers=0, dataloader_pin_memory=False, seed=settings.seed, data_seed=settings.seed,
             remove_unused_columns=False, disable_tqdm=True, resume="never", log_level="error")
         model = prepare_stage(model, args)
-        callback = _deadline_callback(deadline)
+        done = Path(tmp) / STAGE_FILE
+        if keep and done.is_file():  # finished by an earlier run: restore it
+            info = json.loads(done.read_text())
+            trained = load_file(str(Path(tmp) / TRAINED_FILE))
+            names = {n for n, p in model.named_parameters() if p.requires_grad}
+            if set(trained) != names:
+                raise ValueError(f"{tmp}: the saved weights do not match this stage's trainable parameters "
+                                 f"({len(trained)} saved, {len(names)} trainable)")
+            model.load_state_dict(trained, strict=False)
+            log_rows.extend(info.pop("log"))
+            if say is not None:
+                say(f"    {variant} stage {stage}: restored ({info['steps']} step(s) done by an earlier run)")
+            return model, {**info, "restored": True}
+        resume = last_complete_checkpoint(tmp) if keep else None
+        already = 0.0
+        if resume:
+            elapsed = Path(resume) / ELAPSED_FILE
+            already = json.loads(elapsed.read_text())["seconds"] if elapsed.is_file() else 0.0
+            if say is not None:
+                say(f"    {variant} stage {stage}: resuming from {Path(resume).name}")
+        stop, clock = _stop_callback(deadline, pause_at), _elapsed_callback(already)
         trainer = LlavaUHDTrainer(model=model, args=args, train_dataset=items,
                                   data_collator=_make_collator_class()(processor),
-                                  callbacks=[callback, _progress_callback(say, variant, stage)])
+                                  callbacks=[stop, clock, _progress_callback(say, variant, stage)])
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
-        t0 = time.perf_counter()
-        result = trainer.train()
-        seconds = time.perf_counter() - t0
-        for h in trainer.state.log_history:
-            if "loss" in h:
-                log_rows.append({"variant": variant, "stage": stage, "step": h.get("step"), "loss": h["loss"],
-                                 "learning_rate": h.get("learning_rate"), "grad_norm": h.get("grad_norm")})
+        result = trainer.train(resume_from_checkpoint=resume)
+        rows = _log_rows(trainer.state.log_history, variant, stage)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         info = {"steps_planned": steps, "steps": trainer.state.global_step, "train_loss": result.training_loss,
-                "seconds": seconds, "trainable_parameters": trainable, "stopped_by_deadline": bool(callback.hit),
+                "seconds": clock.seconds(), "trainable_parameters": trainable, "stopped_by_deadline": stop.hit,
                 "template": settings.template1 if stage == 1 else settings.template2,
-                "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None)}
+                "final_loss": next((r["loss"] for r in reversed(rows)), None),
+                "resumed_from_step": int(Path(resume).name.split("-")[1]) if resume else None}
+        if stop.paused:
+            return model, {**info, "paused": True}
+        log_rows.extend(rows)
+        if keep:
+            trained = {n: p.detach().to("cpu", torch.float32).contiguous()
+                       for n, p in model.named_parameters() if p.requires_grad}
+            save_file(trained, str(Path(tmp) / TRAINED_FILE))
+            done.write_text(json.dumps({**info, "log": rows}, indent=1) + "\n")
+            for old in Path(tmp).glob("checkpoint-*"):  # large (the whole model); the stage is done
+                shutil.rmtree(old, ignore_errors=True)
     return model, info
 
 
@@ -936,6 +1031,14 @@ def _default_workers(settings: NanoSettings) -> int:
     return 0
 
 
+def _paused(out: Path, results: dict, log_rows: list[dict], start: float, say, where: str) -> dict:
+    """Stop at ``--stop-after``: what is finished is written; rerunning the same command continues."""
+    results["paused"] = {"at": where, "after_s": time.perf_counter() - start}
+    say(f"paused at {where} (--stop-after): rerun the same command to continue from {out / STATE_DIR}")
+    _write_results(out, results, log_rows, start)
+    return results
+
+
 def train_nano(out_dir, device: str = "cpu", train_samples: int | None = None, eval_samples: int | None = None,
                steps1: int | None = None, steps2: int | None = None, seed: int = 0, quick: bool = False,
                variants: Sequence[str] = ("uhd", "pad"), *, settings: NanoSettings | None = None, cache_dir=None,
@@ -979,25 +1082,47 @@ def train_nano(out_dir, device: str = "cpu", train_samples: int | None = None, e
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     deadline = start + settings.time_budget_s if settings.time_budget_s else None
+    pause_at = start + settings.stop_after_s if settings.stop_after_s is not None else None
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    state = out / STATE_DIR
+    run_file = state / "run.json"
+    saved_run = json.loads(run_file.read_text()) if run_file.is_file() else None
+    if saved_run is None and state.is_dir():  # written before run.json (a kill in the first seconds): not resumable
+        import shutil
+
+        shutil.rmtree(state)
+    if saved_run is not None:  # a rerun continues the run in this folder: only with the same recipe
+        recipe = _recipe(settings)
+        differ = sorted(k for k in set(recipe) | set(saved_run["recipe"])
+                        if recipe.get(k) != saved_run["recipe"].get(k))
+        if differ:
+            raise ValueError(f"{out} holds a run started with other settings ({', '.join(differ)} differ: "
+                             + "; ".join(f"{k} was {saved_run['recipe'].get(k)!r}, now {recipe.get(k)!r}"
+                                         for k in differ[:4])
+                             + "): rerun with the same settings to continue it, or use another --out")
     workers = _default_workers(settings)
     log_rows: list[dict] = []
     say = lambda text: _say(log, start, text)  # noqa: E731
+    finished = {v: json.loads((state / f"{v}.json").read_text()) for v in variants if (state / f"{v}.json").is_file()}
+    todo = [v for v in variants if v not in finished]
 
     say(f"backbones {settings.vision} + {settings.llm}; slice {settings.slice_size}px, max {settings.max_slices} "
-        f"slices, {settings.num_queries} queries; device {settings.device}, {workers} data workers")
+        f"slices, {settings.num_queries} queries; device {settings.device}, {workers} data workers"
+        + (f"; continuing the run in {out} ({', '.join(finished) or 'no variant'} finished)" if saved_run else ""))
     backbones = _resolve_backbones(settings, cache_dir, vision_bundle, log)
-    base_model, base_processor = _build(backbones, settings, variants[0], settings.seed)
-    base_model.to(settings.device)
+    base_model = base_processor = None
+    if todo:
+        base_model, base_processor = _build(backbones, settings, todo[0], settings.seed)
+        base_model.to(settings.device)
 
-    # ---- data: generate, encode (both templates), cache the tower's features, per variant
+    # ---- data: generate, encode (both templates), cache the tower's features, per variant still to train
     feature_dtype = torch.float16 if settings.device.startswith("cuda") else None
     templates = (("caption", settings.template1, "caption"), ("qa", settings.template2, "answer"))
     train_set = _SyntheticSamples(settings.train_samples, settings.seed, settings)
     cached: dict[str, list[dict]] = {}
     processors: dict[str, Any] = {}
-    for variant in variants:
+    for variant in todo:
         from .processing import LlavaUHDProcessor
 
         processors[variant] = LlavaUHDProcessor.from_backbones(backbones.vision_dir, backbones.llm_dir,
@@ -1009,21 +1134,27 @@ def train_nano(out_dir, device: str = "cpu", train_samples: int | None = None, e
         n_crops = sum(len(c["patch_grid_hw"]) for c in cached[variant])
         say(f"{variant}: {len(cached[variant])} training samples encoded and their {n_crops} crops through the tower "
             f"in {time.perf_counter() - t0:.1f} s")
-    first = cached[variants[0]]
-    cache_check = _check_feature_cache(base_model, processors[variants[0]], train_set, first, templates, settings)
-    say(f"feature cache check: loss {cache_check['loss_tower']:.5f} running the tower, "
-        f"{cache_check['loss_cached']:.5f} from the cached features (rel err {cache_check['rel_err']:.1e})")
-    train_pairs = [(c["kind"], c["answer"]) for c in first]
+    if saved_run is not None:
+        cache_check, train_pairs = saved_run["feature_cache_check"], [tuple(p) for p in saved_run["train_pairs"]]
+    else:
+        first = cached[todo[0]]
+        cache_check = _check_feature_cache(base_model, processors[todo[0]], train_set, first, templates, settings)
+        say(f"feature cache check: loss {cache_check['loss_tower']:.5f} running the tower, "
+            f"{cache_check['loss_cached']:.5f} from the cached features (rel err {cache_check['rel_err']:.1e})")
+        train_pairs = [(c["kind"], c["answer"]) for c in first]
     eval_set = _SyntheticSamples(settings.eval_samples, settings.held_out_seed, settings)
     eval_samples_list = [eval_set[i] for i in range(len(eval_set))]
     kinds_present = Counter(s.kind for s in eval_samples_list)
 
-    # ---- plan: same steps for every variant, scaled to the time budget if there is one
+    # ---- plan: same steps for every variant, scaled to the time budget if there is one (kept by a rerun)
     steps = {"steps1": settings.steps1, "steps2": settings.steps2}
     plan: dict[str, Any] = {"requested": dict(steps), "scale": 1.0}
     reserve: dict[str, float] = {}
     eval_reserve: dict[str, float] = {}
-    if deadline is not None:
+    if saved_run is not None:
+        plan = saved_run["plan"]
+        steps = dict(plan["used"])
+    elif deadline is not None:
         per_step = _calibrate(base_model, processors[variants[0]],
                               {v: _training_items(cached[v], "caption") for v in variants}, settings)
         # stage 2 adds LoRA (forward + weight gradients); the Trainer adds its own overhead per step
@@ -1043,6 +1174,13 @@ def train_nano(out_dir, device: str = "cpu", train_samples: int | None = None, e
             f"{settings.steps1}+{settings.steps2} steps; budget leaves {left:.0f} s -> steps "
             f"{steps['steps1']}+{steps['steps2']}")
     plan["used"] = dict(steps)
+
+    def save_run() -> None:
+        state.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(json.dumps({"recipe": _recipe(settings), "plan": plan, "feature_cache_check": cache_check,
+                                        "train_pairs": train_pairs}, indent=1) + "\n")
+
+    save_run()
 
     results: dict[str, Any] = {
         "settings": {**asdict(settings), "held_out_seed": settings.held_out_seed},
@@ -1066,15 +1204,24 @@ def train_nano(out_dir, device: str = "cpu", train_samples: int | None = None, e
     prior_scores.pop("correct")
     results["prior"] = {"answers": prior, **prior_scores}
 
+    trained_here = False  # a pause waits for this run to have trained at least one step
     for k, variant in enumerate(variants):
+        if variant in finished:  # trained and evaluated by an earlier run
+            info = finished[variant]
+            log_rows.extend(info.pop("log"))
+            results["variants"][variant] = info
+            say(f"[{k + 1}/{len(variants)}] {variant}: finished by an earlier run (fine-detail accuracy "
+                f"{_pct(info['fine_detail']['accuracy'])} %)")
+            continue
         t_variant = time.perf_counter()
-        if k == 0:  # the model that cached the features: nothing of it has changed (no optimizer step yet)
+        if variant == todo[0]:  # the model that cached the features: nothing of it has changed (no optimizer step)
             model, processor, base_model = base_model, base_processor, None
         else:
             model, processor = _build(backbones, settings, variant, settings.seed)
             model.to(settings.device)
         info: dict[str, Any] = {"description": VARIANTS[variant]["description"],
                                 "settings": _model_settings(settings, variant)}
+        variant_rows: list[dict] = []
         # a backstop only (the steps were sized to fit): stop training when the time the later variants need
         # (their estimate) and this variant's evaluation are all that is left
         hard = None
@@ -1083,10 +1230,18 @@ def train_nano(out_dir, device: str = "cpu", train_samples: int | None = None, e
             hard = deadline - later - eval_reserve.get(variant, 10.0)
         for stage, key, n in ((1, "caption", steps["steps1"]), (2, "qa", steps["steps2"])):
             what = "resampler" if stage == 1 else "resampler + LoRA"
+            stage_dir = state / f"{variant}-stage{stage}"
+            if (trained_here and pause_at is not None and time.perf_counter() > pause_at
+                    and not (stage_dir / STAGE_FILE).is_file()):
+                return _paused(out, results, log_rows + variant_rows, start, say, f"{variant} stage {stage}")
             say(f"[{k + 1}/{len(variants)}] {variant} stage {stage} ({what}, template "
                 f"{settings.template1 if stage == 1 else settings.template2}): {n} step(s) of {settings.batch_size}")
             model, stage_info = _train_stage(model, processor, _training_items(cached[variant], key), settings,
-                                             stage, n, hard, log_rows, variant, say)
+                                             stage, n, hard, variant_rows, variant, say, stage_dir, pause_at)
+            trained_here = trained_here or not stage_info.get("restored", False)
+            if stage_info.get("paused"):
+                return _paused(out, results, log_rows + variant_rows, start, say,
+                               f"{variant} stage {stage} step {stage_info['steps']}/{n}")
             info[f"stage{stage}"] = stage_info
             last = stage_info["final_loss"]
             say(f"    {variant} stage {stage}: {stage_info['steps']} step(s) in {stage_info['seconds']:.1f} s, mean "
@@ -1095,6 +1250,8 @@ def train_nano(out_dir, device: str = "cpu", train_samples: int | None = None, e
             if variant == variants[0] and stage_info["steps"] < n:
                 steps[f"steps{stage}"] = max(1, stage_info["steps"])  # the other variant gets the same steps
                 plan["used"] = dict(steps)
+                save_run()
+        log_rows.extend(variant_rows)
         cached[variant] = None  # free the features
         _round_trainable_to_fp16_(model)
         model.requires_grad_(False)
@@ -1127,6 +1284,7 @@ def train_nano(out_dir, device: str = "cpu", train_samples: int | None = None, e
                 del reloaded
         info["wall_time_s"] = time.perf_counter() - t_variant
         results["variants"][variant] = info
+        (state / f"{variant}.json").write_text(json.dumps({**info, "log": variant_rows}, indent=1) + "\n")
         _write_results(out, results, log_rows, start)
         del model
         if settings.device.startswith("cuda"):
@@ -1489,6 +1647,12 @@ def add_train_nano_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds for the whole run: the steps (same for both variants) are scaled down after a "
                              "calibration if the estimate exceeds it, and training stops at it as a backstop")
+    parser.add_argument("--checkpoint-steps", type=int, default=None,
+                        help="save a resumable checkpoint every N optimizer steps (default: only when a stage ends); "
+                             "running the same command again continues the run in --out")
+    parser.add_argument("--stop-after", type=float, default=None,
+                        help="pause after this many seconds (a checkpoint at the next step, then exit); run the "
+                             "same command again to continue")
     parser.add_argument("--workers", type=int, default=None, help="data worker processes (default: 15 on CUDA, 0 CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--cache", default=None, help="converted backbones cache (default $LLAVA_UHD_CACHE or "
@@ -1507,7 +1671,8 @@ _ARG_TO_SETTING = {"train_samples": "train_samples", "eval_samples": "eval_sampl
                    "num_queries": "num_queries", "max_slices": "max_slices", "min_side": "min_side",
                    "max_side": "max_side", "max_aspect": "max_aspect", "lr1": "lr1", "lr2": "lr2",
                    "projector_lr2": "projector_lr2", "lora_r": "lora_r", "lora_alpha": "lora_alpha",
-                   "time_budget": "time_budget_s", "workers": "workers", "threads": "threads", "bf16": "bf16"}
+                   "time_budget": "time_budget_s", "workers": "workers", "threads": "threads", "bf16": "bf16",
+                   "checkpoint_steps": "checkpoint_steps", "stop_after": "stop_after_s"}
 
 
 def run_train_nano(args) -> int:
@@ -1532,6 +1697,9 @@ def run_train_nano(args) -> int:
     except (ValueError, ImportError, FileNotFoundError) as e:
         print(f"llava-uhd train-nano: {e}", file=sys.stderr)
         return 2
+    if results.get("paused"):
+        print(f"paused at {results['paused']['at']}: run the same command again to continue")
+        return 0
     print(Path(args.out, "results.md").read_text())
     gap = results.get("gap_fine_detail_points")
     print(f"wrote {Path(args.out) / 'results.json'}" + (f"; fine-detail gap {gap:+.1f} points" if gap is not None
