@@ -16,10 +16,12 @@
 #    Each call stashes what it carries in /tmp/llava_uhd_nano_stash (kept while the machine stays warm); call 1
 #    also installs the wheels and checks `import llava_uhd`; the call that completes the set trains (and prints
 #    "STAGED" otherwise, exit 0). If the machine was given back in between, the output says what to send again.
-# Knobs (environment): NANO_BUDGET (s, default 360: the run scales its steps to fit, see --time-budget),
-#   NANO_TIMEOUT (s, default 480: hard kill), NANO_ARGS (extra options for python -m llava_uhd.nano).
+# Knobs (environment): NANO_BUDGET (s, default 420: the run scales its steps to fit, see --time-budget),
+#   NANO_TIMEOUT (s, default 500: hard kill), NANO_ARGS (options for python -m llava_uhd.nano; default
+#   "$DEFAULT_ARGS" below), NANO_SMOKE=0 (skip the ~30 s --quick smoke run that goes first).
+# Device time: call 1 ~50 s with the machine's start, call 2 ~NANO_TIMEOUT + 60 s: about 10.5 of the 15 minutes.
 # Comes back in $OUT: nano_weights.tar.gz (resampler + LoRA + nano_config.json), results.json, results.md,
-#   train_log.jsonl, run.log, env.txt.
+#   train_log.jsonl, run.log, smoke.log, env.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -55,6 +57,8 @@ EOF
     exit 0
 fi
 
+# more steps than NanoSettings' defaults: the time budget scales them down to what fits
+DEFAULT_ARGS="--train-samples 12000 --steps1 300 --steps2 1500"
 STASH=${NANO_STASH:-/tmp/llava_uhd_nano_stash}
 SITE=${NANO_SITE:-/tmp/site}
 RUN=${NANO_RUN:-/tmp/llava_uhd_nano_run}
@@ -157,12 +161,24 @@ export PYTHONPATH="$SITE:$PWD/src" PYTHONUNBUFFERED=1 LLAVA_UHD_CACHE=/tmp/llava
     "$PY" -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'peft', peft.__version__)"
 } > "$OUT/env.txt" 2>&1 || true
-rm -rf "$RUN"
-say "training: budget ${NANO_BUDGET:-360} s, hard timeout ${NANO_TIMEOUT:-480} s, extra args: ${NANO_ARGS:-none}"
+rm -rf "$RUN" "$RUN-smoke"
+# a smoke run first (~30 s): whatever breaks on this machine only (CUDA autocast, worker processes) breaks here, not
+# minutes into the real run
+if [[ "${NANO_SMOKE:-1}" == 1 ]]; then
+    say "smoke run (--quick on $DEVICE)"
+    set +e
+    timeout -k 10 180 "$PY" -m llava_uhd.nano --quick --device "$DEVICE" --out "$RUN-smoke" \
+        --vision-bundle "$STASH/unpacked/dinov2-s14-int8" > "$OUT/smoke.log" 2>&1
+    rc=$?
+    set -e
+    if (( rc != 0 )); then tail -40 "$OUT/smoke.log"; say "FAIL: the smoke run exited $rc (log: smoke.log)"; exit "$rc"; fi
+    say "smoke run OK"
+fi
+say "training: budget ${NANO_BUDGET:-420} s, hard timeout ${NANO_TIMEOUT:-500} s, args: ${NANO_ARGS=$DEFAULT_ARGS}"
 set +e
 # shellcheck disable=SC2086
-timeout -k 15 "${NANO_TIMEOUT:-480}" "$PY" -m llava_uhd.nano --device "$DEVICE" --out "$RUN" \
-    --vision-bundle "$STASH/unpacked/dinov2-s14-int8" --time-budget "${NANO_BUDGET:-360}" ${NANO_ARGS:-} \
+timeout -k 15 "${NANO_TIMEOUT:-500}" "$PY" -m llava_uhd.nano --device "$DEVICE" --out "$RUN" \
+    --vision-bundle "$STASH/unpacked/dinov2-s14-int8" --time-budget "${NANO_BUDGET:-420}" ${NANO_ARGS} \
     2>&1 | tee "$OUT/run.log"
 rc=${PIPESTATUS[0]}
 set -e
