@@ -920,10 +920,12 @@ def _versions() -> dict[str, Any]:
 
 
 def _machine(device: str) -> dict[str, Any]:
+    """The ablation's machine description (CPU model, cores, threads, versions) plus the device and GPU."""
     import torch
 
-    info: dict[str, Any] = {"device": device, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                            "platform": platform.platform()}
+    from .train.ablation import _machine as describe
+
+    info: dict[str, Any] = {"device": device, **describe()}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -1421,8 +1423,11 @@ def format_markdown(results: dict) -> str:
         f"{s['lr2']:g}), template `{s['template2']}`, {used.get('steps2', s['steps2'])} steps; batch "
         f"{s['batch_size']}, cosine, {100 * s['warmup_fraction']:g}% warmup, the same for both variants"
         + (f" (steps scaled by {plan['scale']:.2f} to the time budget)" if plan.get("scale", 1.0) < 1.0 else ""),
-        f"- machine: {m.get('gpu') or 'CPU'} ({m.get('device')}); total wall time "
-        f"{results.get('wall_time_s', 0) / 60:.1f} min",
+        f"- machine: {m.get('gpu') or m.get('cpu') or 'CPU'} ({m.get('device')}, {m.get('cpu_count')} CPUs, "
+        f"{m.get('torch_threads')} torch threads); total wall time {results.get('wall_time_s', 0) / 60:.1f} min"
+        + (" in this run (it continued an earlier one)" if any(r.get("stage1", {}).get("restored") or
+                                                                 r.get("stage2", {}).get("resumed_from_step")
+                                                                 for r in results["variants"].values()) else ""),
         "",
         "`pad` differs from `uhd` only in the image strategy (pad to a square with the mean colour, one "
         f"{s['slice_size']}x{s['slice_size']} view, no slices). The prior row answers each question with its kind's "
