@@ -114,14 +114,17 @@ def test_stop_after_and_rerun_continue_the_run(cache, tmp_path):
     first = train_nano(out, stop_after_s=0, checkpoint_steps=1, **kw)
     assert first["paused"]["at"] == "uhd stage 2" and not first["variants"]  # stage 1 (1 step) finished first
     assert (out / "state" / "uhd-stage1" / "stage.json").is_file()
-    second = train_nano(out, stop_after_s=0, checkpoint_steps=1, **kw)
-    assert second["paused"]["at"] == "uhd stage 2 step 1/3"
-    assert [p.name for p in (out / "state" / "uhd-stage2").glob("checkpoint-*")] == ["checkpoint-1"]
+    assert (out / "state" / "features-uhd.pt").is_file()  # kept for the rerun
     messages: list[str] = []
+    second = train_nano(out, stop_after_s=0, checkpoint_steps=1, **{**kw, "log": messages.append})
+    assert second["paused"]["at"] == "uhd stage 2 step 1/3"
+    assert any("uhd: the training samples' features loaded from" in m for m in messages)
+    assert [p.name for p in (out / "state" / "uhd-stage2").glob("checkpoint-*")] == ["checkpoint-1"]
     done = train_nano(out, checkpoint_steps=1, **{**kw, "log": messages.append})
     assert "paused" not in done and any("resuming from checkpoint-1" in m for m in messages)
     assert done["variants"]["uhd"]["stage2"]["resumed_from_step"] == 1
     assert not list((out / "state" / "uhd-stage2").glob("checkpoint-*"))  # dropped once the stage finished
+    assert not (out / "state" / "features-uhd.pt").exists()  # and the features once the variant finished
 
     def losses(folder):
         return [(r["stage"], r["step"], r["loss"]) for r in map(json.loads, (folder / "train_log.jsonl").open())]

@@ -610,7 +610,8 @@ def _set_greedy_generation(model, tokenizer) -> None:
 STATE_DIR = "state"
 """Inside a run's folder: what a rerun of the same command resumes from (``run.json``: the recipe and the planned
 steps; per variant and stage ``<variant>-stage<n>/``: Trainer checkpoints while it runs, then ``trained.safetensors``
-+ ``stage.json``; per finished variant ``<variant>.json``: its evaluation)."""
++ ``stage.json``; per finished variant ``<variant>.json``: its evaluation; ``features-<variant>.pt``: the cached
+tower features of a run that may be continued, until its variant finishes)."""
 STAGE_FILE, TRAINED_FILE, ELAPSED_FILE = "stage.json", "trained.safetensors", "nano_elapsed.json"
 _MACHINE_FIELDS = ("workers", "threads", "time_budget_s", "checkpoint_steps", "stop_after_s", "logging_steps",
                    "verify_export", "eval_batch_size")
@@ -1090,10 +1091,6 @@ def train_nano(out_dir, device: str = "cpu", train_samples: int | None = None, e
     state = out / STATE_DIR
     run_file = state / "run.json"
     saved_run = json.loads(run_file.read_text()) if run_file.is_file() else None
-    if saved_run is None and state.is_dir():  # written before run.json (a kill in the first seconds): not resumable
-        import shutil
-
-        shutil.rmtree(state)
     if saved_run is not None:  # a rerun continues the run in this folder: only with the same recipe
         recipe = _recipe(settings)
         differ = sorted(k for k in set(recipe) | set(saved_run["recipe"])
@@ -1103,6 +1100,10 @@ def train_nano(out_dir, device: str = "cpu", train_samples: int | None = None, e
                              + "; ".join(f"{k} was {saved_run['recipe'].get(k)!r}, now {recipe.get(k)!r}"
                                          for k in differ[:4])
                              + "): rerun with the same settings to continue it, or use another --out")
+    else:  # the recipe first, so that anything kept in state/ is known to belong to it
+        state.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(json.dumps({"recipe": _recipe(settings)}, indent=1) + "\n")
+        saved_run = {}
     workers = _default_workers(settings)
     log_rows: list[dict] = []
     say = lambda text: _say(log, start, text)  # noqa: E731
@@ -1124,19 +1125,32 @@ def train_nano(out_dir, device: str = "cpu", train_samples: int | None = None, e
     train_set = _SyntheticSamples(settings.train_samples, settings.seed, settings)
     cached: dict[str, list[dict]] = {}
     processors: dict[str, Any] = {}
+    # a run that may be continued keeps the features on disk too (a CPU needs minutes to make them again)
+    resumable = settings.checkpoint_steps > 0 or settings.stop_after_s is not None
     for variant in todo:
         from .processing import LlavaUHDProcessor
 
         processors[variant] = LlavaUHDProcessor.from_backbones(backbones.vision_dir, backbones.llm_dir,
                                                                **_model_settings(settings, variant))
         t0 = time.perf_counter()
+        feature_file = state / f"features-{variant}.pt"
+        if feature_file.is_file():
+            cached[variant] = torch.load(feature_file, map_location=settings.device, weights_only=True)
+            say(f"{variant}: the training samples' features loaded from {feature_file} in "
+                f"{time.perf_counter() - t0:.1f} s")
+            continue
         loader = _loader(_EncodedSamples(train_set, processors[variant], templates, settings.answer_prompt),
                          batch_size=8, workers=workers)
         cached[variant] = cache_features(base_model, loader, settings.device, feature_dtype)
         n_crops = sum(len(c["patch_grid_hw"]) for c in cached[variant])
         say(f"{variant}: {len(cached[variant])} training samples encoded and their {n_crops} crops through the tower "
             f"in {time.perf_counter() - t0:.1f} s")
-    if saved_run is not None:
+        if resumable:
+            state.mkdir(parents=True, exist_ok=True)
+            partial = feature_file.with_suffix(".partial")
+            torch.save(cached[variant], partial)
+            os.replace(partial, feature_file)  # whole or absent, even if killed while writing
+    if "plan" in saved_run:
         cache_check, train_pairs = saved_run["feature_cache_check"], [tuple(p) for p in saved_run["train_pairs"]]
     else:
         first = cached[todo[0]]
@@ -1153,7 +1167,7 @@ def train_nano(out_dir, device: str = "cpu", train_samples: int | None = None, e
     plan: dict[str, Any] = {"requested": dict(steps), "scale": 1.0}
     reserve: dict[str, float] = {}
     eval_reserve: dict[str, float] = {}
-    if saved_run is not None:
+    if "plan" in saved_run:
         plan = saved_run["plan"]
         steps = dict(plan["used"])
     elif deadline is not None:
@@ -1287,6 +1301,7 @@ def train_nano(out_dir, device: str = "cpu", train_samples: int | None = None, e
         info["wall_time_s"] = time.perf_counter() - t_variant
         results["variants"][variant] = info
         (state / f"{variant}.json").write_text(json.dumps({**info, "log": variant_rows}, indent=1) + "\n")
+        (state / f"features-{variant}.pt").unlink(missing_ok=True)  # large, and no longer needed
         _write_results(out, results, log_rows, start)
         del model
         if settings.device.startswith("cuda"):
