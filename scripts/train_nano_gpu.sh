@@ -57,8 +57,8 @@ EOF
     exit 0
 fi
 
-# more steps than NanoSettings' defaults: the time budget scales them down to what fits
-DEFAULT_ARGS="--train-samples 12000 --steps1 300 --steps2 1500"
+# more steps than NanoSettings' defaults, scaled (down or up, --fill-budget) to what the time budget fits
+DEFAULT_ARGS="--train-samples 12000 --steps1 300 --steps2 1200 --fill-budget"
 STASH=${NANO_STASH:-/tmp/llava_uhd_nano_stash}
 SITE=${NANO_SITE:-/tmp/site}
 RUN=${NANO_RUN:-/tmp/llava_uhd_nano_run}

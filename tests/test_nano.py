@@ -462,6 +462,18 @@ def test_data_loaders_keep_the_order(monkeypatch):
     assert [x for b in batches for x in b] == data
 
 
+def test_budget_scale_goes_down_to_fit_and_up_only_when_asked():
+    from llava_uhd.nano import _budget_scale
+
+    assert _budget_scale(100.0, 50.0, fill=False) == _budget_scale(100.0, 50.0, fill=True) == 0.5
+    assert _budget_scale(100.0, -5.0, fill=True) == 0.0  # nothing left: the caller keeps 1 step
+    assert _budget_scale(100.0, 300.0, fill=False) == 1.0
+    assert _budget_scale(100.0, 300.0, fill=True) == pytest.approx(2.4)  # 80 % of what fits
+    assert _budget_scale(100.0, 110.0, fill=True) == 1.0  # never below the request when it fits
+    assert _budget_scale(100.0, 1e6, fill=True) == 8.0
+    assert _budget_scale(0.0, 10.0, fill=True) == 1.0
+
+
 def test_settings_are_checked(tmp_path):
     with pytest.raises(ValueError, match="kinds"):
         NanoSettings(kinds=("nope",)).check()

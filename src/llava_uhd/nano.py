@@ -152,6 +152,7 @@ class NanoSettings:
     workers: int | None = None  # data workers; None: min(16, CPUs - 1) on CUDA, 0 on the CPU
     threads: int | None = None  # torch CPU threads (None: leave as is)
     time_budget_s: float | None = None  # scale the steps down (same for both variants) to fit this wall time
+    fill_budget: bool = False  # with time_budget_s: scale them up too, to use the time the budget leaves
     checkpoint_steps: int = 0  # save a resumable checkpoint every this many optimizer steps (0: only stage ends)
     stop_after_s: float | None = None  # pause (checkpoint, exit) at the first step after this; rerun to continue
     logging_steps: int = 10
@@ -614,8 +615,8 @@ steps; per variant and stage ``<variant>-stage<n>/``: Trainer checkpoints while 
 + ``stage.json``; per finished variant ``<variant>.json``: its evaluation; ``features-<variant>.pt``: the cached
 tower features of a run that may be continued, until its variant finishes)."""
 STAGE_FILE, TRAINED_FILE, ELAPSED_FILE = "stage.json", "trained.safetensors", "nano_elapsed.json"
-_MACHINE_FIELDS = ("workers", "threads", "time_budget_s", "checkpoint_steps", "stop_after_s", "logging_steps",
-                   "verify_export", "eval_batch_size")
+_MACHINE_FIELDS = ("workers", "threads", "time_budget_s", "fill_budget", "checkpoint_steps", "stop_after_s",
+                   "logging_steps", "verify_export", "eval_batch_size")
 
 
 def _recipe(settings: NanoSettings) -> dict:
@@ -1050,6 +1051,17 @@ def _default_workers(settings: NanoSettings) -> int:
     return 0
 
 
+def _budget_scale(estimated_s: float, left_s: float, fill: bool, margin: float = 0.8, most: float = 8.0) -> float:
+    """The factor for the requested steps: down to what ``left_s`` allows, or with ``fill`` also up to ``margin``
+    of it (at most ``most`` times; the estimate leaves out the Trainer's own overhead, so not all of it)."""
+    if estimated_s <= 0:
+        return 1.0
+    scale = max(0.0, left_s) / estimated_s
+    if scale < 1.0 or not fill:
+        return min(1.0, scale)
+    return max(1.0, min(most, margin * scale))
+
+
 def _paused(out: Path, results: dict, log_rows: list[dict], start: float, say, where: str) -> dict:
     """Stop at ``--stop-after``: what is finished is written; rerunning the same command continues."""
     results["paused"] = {"at": where, "after_s": time.perf_counter() - start}
@@ -1193,7 +1205,7 @@ def train_nano(out_dir, device: str = "cpu", train_samples: int | None = None, e
         est_train = sum(t * (1.15 * settings.steps1 + 1.4 * settings.steps2) for t in per_step.values())
         est_eval = sum(t * 2.0 * math.ceil(settings.eval_samples / settings.batch_size) for t in per_step.values())
         left = deadline - time.perf_counter() - est_eval - 20.0 * len(variants)
-        scale = min(1.0, max(0.0, left) / est_train) if est_train > 0 else 1.0
+        scale = _budget_scale(est_train, left, settings.fill_budget)
         steps = {k: max(1, int(v * scale)) for k, v in steps.items()}
         # what each variant is expected to take with those steps: the later variants' time is kept free for them
         for v, t in per_step.items():
@@ -1453,7 +1465,7 @@ def format_markdown(results: dict) -> str:
         f"{s['lora_r']} alpha {s['lora_alpha']} on {'/'.join(t.split('_')[0] for t in s['lora_targets'])} (lr "
         f"{s['lr2']:g}), template `{s['template2']}`, {used.get('steps2', s['steps2'])} steps; batch "
         f"{s['batch_size']}, cosine, {100 * s['warmup_fraction']:g}% warmup, the same for both variants"
-        + (f" (steps scaled by {plan['scale']:.2f} to the time budget)" if plan.get("scale", 1.0) < 1.0 else ""),
+        + (f" (steps scaled by {plan['scale']:.2f} to the time budget)" if plan.get("scale", 1.0) != 1.0 else ""),
         f"- machine: {m.get('gpu') or m.get('cpu') or 'CPU'} ({m.get('device')}, {m.get('cpu_count')} CPUs, "
         f"{m.get('torch_threads')} torch threads); total wall time {results.get('wall_time_s', 0) / 60:.1f} min"
         + (" in this run (it continued an earlier one)" if any(r.get("stage1", {}).get("restored") or
@@ -1683,6 +1695,8 @@ def add_train_nano_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds for the whole run: the steps (same for both variants) are scaled down after a "
                              "calibration if the estimate exceeds it, and training stops at it as a backstop")
+    parser.add_argument("--fill-budget", action="store_true", default=None,
+                        help="with --time-budget: scale the steps up too (up to 8x) when the calibration says more fit")
     parser.add_argument("--checkpoint-steps", type=int, default=None,
                         help="save a resumable checkpoint every N optimizer steps (default: only when a stage ends); "
                              "running the same command again continues the run in --out")
@@ -1708,7 +1722,8 @@ _ARG_TO_SETTING = {"train_samples": "train_samples", "eval_samples": "eval_sampl
                    "max_side": "max_side", "max_aspect": "max_aspect", "lr1": "lr1", "lr2": "lr2",
                    "projector_lr2": "projector_lr2", "lora_r": "lora_r", "lora_alpha": "lora_alpha",
                    "time_budget": "time_budget_s", "workers": "workers", "threads": "threads", "bf16": "bf16",
-                   "checkpoint_steps": "checkpoint_steps", "stop_after": "stop_after_s"}
+                   "checkpoint_steps": "checkpoint_steps", "stop_after": "stop_after_s",
+                   "fill_budget": "fill_budget"}
 
 
 def run_train_nano(args) -> int:
