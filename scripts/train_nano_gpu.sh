@@ -19,7 +19,8 @@
 # Knobs (environment): NANO_BUDGET (s, default 420: the run scales its steps to fit, see --time-budget),
 #   NANO_TIMEOUT (s, default 500: hard kill), NANO_ARGS (options for python -m llava_uhd.nano; default
 #   "$DEFAULT_ARGS" below), NANO_SMOKE=0 (skip the ~30 s --quick smoke run that goes first).
-# Device time: call 1 ~50 s with the machine's start, call 2 ~NANO_TIMEOUT + 60 s: about 10.5 of the 15 minutes.
+# Device time: call 1 ~50 s with the machine's start, call 2 up to NANO_TIMEOUT + ~90 s (unpacking, the smoke run):
+#   give it timeout_s 600; about 11.5 of the 15 minutes in all.
 # Comes back in $OUT: nano_weights.tar.gz (resampler + LoRA + nano_config.json), results.json, results.md,
 #   train_log.jsonl, run.log, smoke.log, env.txt.
 set -euo pipefail
