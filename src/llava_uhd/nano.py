@@ -649,8 +649,6 @@ def _elapsed_callback(already: float):
     from transformers import TrainerCallback
 
     class Elapsed(TrainerCallback):
-        t0 = time.perf_counter()
-
         def seconds(self) -> float:
             return already + time.perf_counter() - self.t0
 
@@ -1174,7 +1172,6 @@ def train_nano(out_dir, device: str = "cpu", train_samples: int | None = None, e
         say(f"{variant}: {len(cached[variant])} training samples encoded and their {n_crops} crops through the tower "
             f"in {time.perf_counter() - t0:.1f} s")
         if resumable:
-            state.mkdir(parents=True, exist_ok=True)
             partial = feature_file.with_suffix(".partial")
             torch.save(cached[variant], partial)
             os.replace(partial, feature_file)  # whole or absent, even if killed while writing
@@ -1220,7 +1217,6 @@ def train_nano(out_dir, device: str = "cpu", train_samples: int | None = None, e
     plan["used"] = dict(steps)
 
     def save_run() -> None:
-        state.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps({"recipe": _recipe(settings), "plan": plan, "feature_cache_check": cache_check,
                                         "train_pairs": train_pairs}, indent=1) + "\n")
 
