@@ -45,7 +45,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["get_2d_sincos_pos_embed", "PerceiverResampler", "check_packed_inputs", "group_crops"]
+__all__ = ["get_2d_sincos_pos_embed", "CrossAttentionResampler", "PerceiverResampler", "check_packed_inputs",
+           "group_crops"]
 
 
 def _sincos_1d(embed_dim: int, pos: Tensor) -> Tensor:
@@ -146,7 +147,72 @@ def scatter_groups(num_crops: int, parts: list[tuple[Tensor, Tensor]]) -> Tensor
     return out
 
 
-class PerceiverResampler(nn.Module):
+class CrossAttentionResampler(nn.Module):
+    """What both resamplers share: learnable queries cross-attending to each crop's projected ViT features.
+
+    Layers: ``query`` ``(Q, hidden)``, ``kv_proj`` (``vision_dim -> hidden``, no bias), ``ln_q``, ``ln_kv``,
+    ``attn`` (``MultiheadAttention``, batch first), ``ln_post``, ``proj`` ``(hidden, hidden)``. ``forward`` checks
+    the packed inputs, runs the per-token work (``ln_kv(kv_proj(features))``) once over all rows and hands the
+    result to the subclass's ``_compress``, which decides what each query sees.
+    """
+
+    def __init__(self, vision_dim: int, hidden_size: int, num_queries: int, num_heads: int | None, eps: float):
+        super().__init__()
+        if num_heads is None:
+            num_heads = max(1, hidden_size // 128)
+        if vision_dim <= 0 or hidden_size <= 0 or num_queries <= 0 or num_heads <= 0:
+            raise ValueError(
+                "vision_dim, hidden_size, num_queries and num_heads must be positive, got "
+                f"{vision_dim}, {hidden_size}, {num_queries}, {num_heads}"
+            )
+        if hidden_size % 4 != 0:
+            raise ValueError(f"hidden_size must be a multiple of 4 (2D sin-cos embedding), got {hidden_size}")
+        if hidden_size % num_heads != 0:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.vision_dim = vision_dim
+        self.hidden_size = hidden_size
+        self.num_queries = num_queries
+        self.num_heads = num_heads
+
+        self.query = nn.Parameter(torch.empty(num_queries, hidden_size))
+        self.kv_proj = nn.Linear(vision_dim, hidden_size, bias=False)
+        self.ln_q = nn.LayerNorm(hidden_size, eps=eps)
+        self.ln_kv = nn.LayerNorm(hidden_size, eps=eps)
+        self.attn = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        self.ln_post = nn.LayerNorm(hidden_size, eps=eps)
+        self.proj = nn.Parameter(torch.empty(hidden_size, hidden_size))
+
+    def tokens_per_crop(self, grid_hw=None) -> int:
+        """Output tokens per crop: ``num_queries`` whatever the grid."""
+        return self.num_queries
+
+    def _compress(self, x: Tensor, grids: list[tuple[int, int]]) -> Tensor:
+        """``x`` ``(P, hidden)``: the projected, normed features of the crops ``grids`` (at least one), packed
+        -> ``(K, num_queries, hidden)``."""
+        raise NotImplementedError
+
+    def forward(self, features: Tensor, patch_grid_hw: Tensor) -> Tensor:
+        """Compress packed crops.
+
+        Args:
+            features: ``(P, vision_dim)`` ViT features of all crops, concatenated.
+            patch_grid_hw: ``(K, 2)`` integer ``(h_p, w_p)`` per crop; ``P == sum(h_p * w_p)``.
+
+        Returns:
+            ``(K, num_queries, hidden_size)``.
+        """
+        grids = check_packed_inputs(features, patch_grid_hw, self.vision_dim)
+        x = self.ln_kv(self.kv_proj(features.to(self.kv_proj.weight.dtype)))  # (P, hidden), once over all rows
+        if not grids:
+            return x.new_zeros(0, self.num_queries, self.hidden_size)
+        return self._compress(x, grids)
+
+    def forward_split(self, features: Tensor, patch_grid_hw: Tensor) -> list[Tensor]:
+        """Same as `forward`, as a list of K tensors ``(num_queries, hidden_size)`` (one per crop)."""
+        return list(self.forward(features, patch_grid_hw).unbind(0))
+
+
+class PerceiverResampler(CrossAttentionResampler):
     """Compress each crop's ``h_p * w_p`` ViT features to ``num_queries`` tokens of width ``hidden_size``.
 
     Args:
@@ -166,33 +232,10 @@ class PerceiverResampler(nn.Module):
         num_heads: int | None = None,
         batching: str = "group",
     ):
-        super().__init__()
-        if num_heads is None:
-            num_heads = max(1, hidden_size // 128)
-        if vision_dim <= 0 or hidden_size <= 0 or num_queries <= 0 or num_heads <= 0:
-            raise ValueError(
-                "vision_dim, hidden_size, num_queries and num_heads must be positive, got "
-                f"{vision_dim}, {hidden_size}, {num_queries}, {num_heads}"
-            )
-        if hidden_size % 4 != 0:
-            raise ValueError(f"hidden_size must be a multiple of 4 (2D sin-cos embedding), got {hidden_size}")
-        if hidden_size % num_heads != 0:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
         if batching not in ("group", "pad"):
             raise ValueError(f"batching must be 'group' or 'pad', got {batching!r}")
-        self.vision_dim = vision_dim
-        self.hidden_size = hidden_size
-        self.num_queries = num_queries
-        self.num_heads = num_heads
+        super().__init__(vision_dim, hidden_size, num_queries, num_heads, eps=1e-5)
         self.batching = batching
-
-        self.query = nn.Parameter(torch.empty(num_queries, hidden_size))
-        self.kv_proj = nn.Linear(vision_dim, hidden_size, bias=False)
-        self.ln_q = nn.LayerNorm(hidden_size)
-        self.ln_kv = nn.LayerNorm(hidden_size)
-        self.attn = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
-        self.ln_post = nn.LayerNorm(hidden_size)
-        self.proj = nn.Parameter(torch.empty(hidden_size, hidden_size))
         # Not a buffer: derived data, never saved in a checkpoint. Keyed by (h, w, device).
         self._pos_cache: dict[tuple[int, int, torch.device], Tensor] = {}
         self.reset_parameters()
@@ -218,10 +261,6 @@ class PerceiverResampler(nn.Module):
             f"num_heads={self.num_heads}, batching={self.batching!r}"
         )
 
-    def tokens_per_crop(self, grid_hw=None) -> int:
-        """Output tokens per crop: ``num_queries`` whatever the grid."""
-        return self.num_queries
-
     def pos_embed(self, h: int, w: int, device=None, dtype=None) -> Tensor:
         """Sin-cos embedding of an ``h x w`` grid, ``(h * w, hidden_size)``, cached in float32 per grid/device."""
         device = torch.device(device) if device is not None else torch.device("cpu")
@@ -238,24 +277,9 @@ class PerceiverResampler(nn.Module):
         out, _ = self.attn(q, x + pos, x, key_padding_mask=key_padding_mask, need_weights=False)
         return self.ln_post(out) @ self.proj
 
-    def forward(self, features: Tensor, patch_grid_hw: Tensor) -> Tensor:
-        """Compress packed crops.
-
-        Args:
-            features: ``(P, vision_dim)`` ViT features of all crops, concatenated.
-            patch_grid_hw: ``(K, 2)`` integer ``(h_p, w_p)`` per crop; ``P == sum(h_p * w_p)``.
-
-        Returns:
-            ``(K, num_queries, hidden_size)``.
-        """
-        grids = check_packed_inputs(features, patch_grid_hw, self.vision_dim)
-        dtype = self.kv_proj.weight.dtype
-        device = features.device
-        K, Q, H = len(grids), self.num_queries, self.hidden_size
-        x = self.ln_kv(self.kv_proj(features.to(dtype)))  # (P, hidden), per-token work once over all rows
-        if K == 0:
-            return x.new_zeros(0, Q, H)
-
+    def _compress(self, x: Tensor, grids: list[tuple[int, int]]) -> Tensor:
+        device = x.device
+        K, H = len(grids), self.hidden_size
         counts = [h * w for h, w in grids]
         starts, groups = group_crops(grids, device)
 
@@ -277,7 +301,3 @@ class PerceiverResampler(nn.Module):
             pos = self.pos_embed(h, w, device=device, dtype=x.dtype).unsqueeze(0)
             parts.append((ks, self._attend(x[idx], pos)))
         return scatter_groups(K, parts)
-
-    def forward_split(self, features: Tensor, patch_grid_hw: Tensor) -> list[Tensor]:
-        """Same as `forward`, as a list of K tensors ``(num_queries, hidden_size)`` (one per crop)."""
-        return list(self.forward(features, patch_grid_hw).unbind(0))

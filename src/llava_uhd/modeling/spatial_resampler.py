@@ -72,7 +72,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor, nn
 
-from .resampler import check_packed_inputs, get_2d_sincos_pos_embed, group_crops, scatter_groups
+from .resampler import CrossAttentionResampler, get_2d_sincos_pos_embed, group_crops, scatter_groups
 
 __all__ = ["SpatialResampler", "pooling_size", "roi_align_matrix", "POOLING_CANDIDATES"]
 
@@ -133,7 +133,7 @@ def roi_align_matrix(n: int, grid: int, bins: int, aligned: bool = False, sampli
     return out
 
 
-class SpatialResampler(nn.Module):
+class SpatialResampler(CrossAttentionResampler):
     """Compress each crop's ``h_p * w_p`` ViT features to ``num_queries`` tokens, query ``(i, j)`` of the
     ``g x g`` query grid attending only to the ROI-align pooled features of its own region of the crop.
 
@@ -160,36 +160,13 @@ class SpatialResampler(nn.Module):
         sampling_ratio: int = -1,
         eps: float = 1e-6,
     ):
-        super().__init__()
-        if num_heads is None:
-            num_heads = max(1, hidden_size // 128)
-        if vision_dim <= 0 or hidden_size <= 0 or num_queries <= 0 or num_heads <= 0:
-            raise ValueError(
-                "vision_dim, hidden_size, num_queries and num_heads must be positive, got "
-                f"{vision_dim}, {hidden_size}, {num_queries}, {num_heads}"
-            )
-        grid = math.isqrt(num_queries)
-        if grid * grid != num_queries:
+        grid = math.isqrt(num_queries) if num_queries > 0 else 0
+        if num_queries > 0 and grid * grid != num_queries:
             raise ValueError(f"num_queries must be a perfect square (a g x g query grid), got {num_queries}")
-        if hidden_size % 4 != 0:
-            raise ValueError(f"hidden_size must be a multiple of 4 (2D sin-cos embedding), got {hidden_size}")
-        if hidden_size % num_heads != 0:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-        self.vision_dim = vision_dim
-        self.hidden_size = hidden_size
-        self.num_queries = num_queries
+        super().__init__(vision_dim, hidden_size, num_queries, num_heads, eps=eps)
         self.grid_size = grid
-        self.num_heads = num_heads
         self.aligned = bool(aligned)
         self.sampling_ratio = int(sampling_ratio)
-
-        self.query = nn.Parameter(torch.empty(num_queries, hidden_size))
-        self.kv_proj = nn.Linear(vision_dim, hidden_size, bias=False)
-        self.ln_q = nn.LayerNorm(hidden_size, eps=eps)
-        self.ln_kv = nn.LayerNorm(hidden_size, eps=eps)
-        self.attn = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
-        self.ln_post = nn.LayerNorm(hidden_size, eps=eps)
-        self.proj = nn.Parameter(torch.empty(hidden_size, hidden_size))
         # fixed (never trained) but saved: the release ships it in its checkpoint
         self.register_buffer("pos_embed", torch.empty(num_queries, hidden_size), persistent=True)
         # derived, never saved: ROI-align matrices keyed by (n, bins, device, dtype)
@@ -215,10 +192,6 @@ class SpatialResampler(nn.Module):
             f"({self.grid_size}x{self.grid_size}), num_heads={self.num_heads}, aligned={self.aligned}, "
             f"sampling_ratio={self.sampling_ratio}"
         )
-
-    def tokens_per_crop(self, grid_hw=None) -> int:
-        """Output tokens per crop: ``num_queries`` whatever the grid."""
-        return self.num_queries
 
     # ------------------------------------------------------------------------------------------ pooling
     def _roi_matrix(self, n: int, bins: int, device, dtype) -> Tensor:
@@ -264,31 +237,12 @@ class SpatialResampler(nn.Module):
                            need_weights=False)
         return self.ln_post(out.reshape(G, Q, H)) @ self.proj
 
-    def forward(self, features: Tensor, patch_grid_hw: Tensor) -> Tensor:
-        """Compress packed crops.
-
-        Args:
-            features: ``(P, vision_dim)`` ViT features of all crops, concatenated.
-            patch_grid_hw: ``(K, 2)`` integer ``(h_p, w_p)`` per crop; ``P == sum(h_p * w_p)``.
-
-        Returns:
-            ``(K, num_queries, hidden_size)``.
-        """
-        grids = check_packed_inputs(features, patch_grid_hw, self.vision_dim)
-        dtype = self.kv_proj.weight.dtype
-        device = features.device
-        K, Q, H = len(grids), self.num_queries, self.hidden_size
-        x = self.ln_kv(self.kv_proj(features.to(dtype)))  # (P, hidden)
-        if K == 0:
-            return x.new_zeros(0, Q, H)
+    def _compress(self, x: Tensor, grids: list[tuple[int, int]]) -> Tensor:
+        device = x.device
         parts = []
         for (h, w), (ks, idx) in group_crops(grids, device)[1].items():
             values = self.roi_pool(x[idx], (h, w))  # (G, Q, L, hidden)
             pos = self.roi_pool(self.key_pos_embed((h, w)).to(device).unsqueeze(0), (h, w))  # (1, Q, L, hidden)
             keys = values + pos.to(values.dtype)
             parts.append((ks, self._attend(keys, values)))
-        return scatter_groups(K, parts)
-
-    def forward_split(self, features: Tensor, patch_grid_hw: Tensor) -> list[Tensor]:
-        """Same as `forward`, as a list of K tensors ``(num_queries, hidden_size)`` (one per crop)."""
-        return list(self.forward(features, patch_grid_hw).unbind(0))
+        return scatter_groups(len(grids), parts)
