@@ -334,6 +334,31 @@ def test_cache_features_keeps_no_worker_shared_memory(monkeypatch):
     assert torch.equal(last["qa"][1], torch.arange(4) + 298) and last["crop_is_overview"].tolist() == [False, True]
 
 
+def test_feature_caching_reports_progress(monkeypatch):
+    """Caching takes many minutes on a CPU: the run says how far it got (at most once a minute), with an ETA."""
+    from types import SimpleNamespace
+
+    import llava_uhd.nano as nano
+
+    clock = iter([0.0, 30.0, 61.0, 90.0, 125.0, 200.0, 300.0, 400.0])
+    monkeypatch.setattr(nano.time, "perf_counter", lambda: next(clock))
+    said = []
+    report = nano._progress_reporter(said.append, "uhd features", total=300)
+
+    def tower(pixels, grids):
+        return pixels
+
+    tower.dtype = torch.float32
+    batches = [[_ManyTensors()[i] for i in range(s, s + 50)] for s in range(0, 300, 50)]
+    cached = nano.cache_features(SimpleNamespace(vision_tower=tower), batches, "cpu", progress=report)
+    assert len(cached) == 300
+    # called with 50, 100, ..., 300 done at t = 30, 61, 90, 125, 200, 300: said at 61, 125, 200 (each at least
+    # 60 s after the last); nothing at 30 (too soon) nor when all are done
+    assert said == ["    uhd features: 100/300 in 61 s, about 122 s left",
+                    "    uhd features: 200/300 in 125 s, about 62 s left",
+                    "    uhd features: 250/300 in 200 s, about 40 s left"]
+
+
 def test_encode_sample_matches_the_project_dataset(cache):
     from llava_uhd.data.llava_data import LazySupervisedDataset
     from llava_uhd.nano import _model_settings

@@ -339,10 +339,11 @@ def _thread_batches(dataset, batch_size: int, workers: int, collate_fn):
             yield collate_fn(list(pool.map(dataset.__getitem__, idx)))
 
 
-def cache_features(model, batches, device, feature_dtype=None) -> list[dict]:
+def cache_features(model, batches, device, feature_dtype=None, progress=None) -> list[dict]:
     """Run the frozen tower once over encoded samples (an iterable of lists of `encode_sample` dicts) and return
     the samples with ``pixel_values`` replaced by the tower's features ``(P, D)`` (on ``device``, in
-    ``feature_dtype``; default the tower's dtype). Samples are batched through the tower, as in training."""
+    ``feature_dtype``; default the tower's dtype). Samples are batched through the tower, as in training.
+    ``progress(samples_done)``, if given, is called after every batch."""
     import torch
 
     out = []
@@ -359,7 +360,25 @@ def cache_features(model, batches, device, feature_dtype=None) -> list[dict]:
                 b = {k: _unshared(v) for k, v in b.items() if k != "pixel_values"}
                 b["pixel_values"] = f
                 out.append(b)
+            if progress is not None:
+                progress(len(out))
     return out
+
+
+def _progress_reporter(say: Callable[[str], None], what: str, total: int, every_s: float = 60.0):
+    """A ``progress(done)`` callback that says ``what: done/total (elapsed, ETA)`` at most every ``every_s``
+    seconds: long CPU work (minutes of feature caching) shows in the log while it runs."""
+    t0 = last = time.perf_counter()
+
+    def progress(done: int) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if now - last >= every_s and 0 < done < total:
+            last = now
+            eta = (now - t0) / done * (total - done)
+            say(f"    {what}: {done}/{total} in {now - t0:.0f} s, about {eta:.0f} s left")
+
+    return progress
 
 
 def _unshared(value):
@@ -1167,7 +1186,8 @@ def train_nano(out_dir, device: str = "cpu", train_samples: int | None = None, e
             continue
         loader = _loader(_EncodedSamples(train_set, processors[variant], templates, settings.answer_prompt),
                          batch_size=8, workers=workers)
-        cached[variant] = cache_features(base_model, loader, settings.device, feature_dtype)
+        cached[variant] = cache_features(base_model, loader, settings.device, feature_dtype,
+                                         _progress_reporter(say, f"{variant} features", len(train_set)))
         n_crops = sum(len(c["patch_grid_hw"]) for c in cached[variant])
         say(f"{variant}: {len(cached[variant])} training samples encoded and their {n_crops} crops through the tower "
             f"in {time.perf_counter() - t0:.1f} s")
