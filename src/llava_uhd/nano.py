@@ -50,6 +50,7 @@ import shlex
 import sys
 import tempfile
 import time
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -706,6 +707,20 @@ def _log_rows(log_history: list[dict], variant: str, stage: int) -> list[dict]:
             for h in log_history if "loss" in h]
 
 
+@contextlib.contextmanager
+def _quiet_checkpoints():
+    """No "Writing model shards" bar per checkpoint: with ``--checkpoint-steps`` they buried the progress lines."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _train_stage(model, processor, items, settings: NanoSettings, stage: int, steps: int, deadline, log_rows,
                  variant: str, say: Callable[[str], None] | None = None, stage_dir: Path | None = None,
                  pause_at: float | None = None):
@@ -774,7 +789,8 @@ def _train_stage(model, processor, items, settings: NanoSettings, stage: int, st
 
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
-        result = trainer.train(resume_from_checkpoint=resume)
+        with _quiet_checkpoints():
+            result = trainer.train(resume_from_checkpoint=resume)
         rows = _log_rows(trainer.state.log_history, variant, stage)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         info = {"steps_planned": steps, "steps": trainer.state.global_step, "train_loss": result.training_loss,
@@ -1046,7 +1062,9 @@ def load_nano(weights_dir=None, *, cache_dir=None, device: str = "cpu", vision=N
         raise ValueError(f"{config_path}: unknown vision rounding {rounding!r}")
     state = load_file(str(weights / RESAMPLER_FILE))
     model.projector.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
-    model.language_model = PeftModel.from_pretrained(model.language_model, str(weights / ADAPTER_DIR))
+    with warnings.catch_warnings():  # peft reads a flag transformers 5 deprecated; not the user's concern
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model.language_model = PeftModel.from_pretrained(model.language_model, str(weights / ADAPTER_DIR))
     if merge_lora:
         model.language_model = model.language_model.merge_and_unload()
     model.freeze_vision_tower(True)
