@@ -12,6 +12,8 @@ import math
 import tarfile
 import zipfile
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -28,6 +30,8 @@ from llava_uhd.nano import (
     train_nano,
     unpack_vision_bundle,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -508,3 +512,55 @@ def test_settings_are_checked(tmp_path):
     with pytest.raises(ValueError, match="variants"):
         train_nano(tmp_path, variants=("mlp",))
 
+
+
+# ------------------------------------------------------------------------------------------------ the shipped weights
+def _shipped_config() -> dict:
+    from llava_uhd.nano import CONFIG_FILE, WEIGHTS_DIR
+
+    return json.loads((WEIGHTS_DIR / CONFIG_FILE).read_text())
+
+
+def test_shipped_weights_are_complete_small_and_documented():
+    from llava_uhd.nano import WEIGHTS_DIR, check_nano_files
+
+    config = _shipped_config()
+    check_nano_files(WEIGHTS_DIR, config)  # every listed file there, with its recorded size and sha256
+    total = sum(p.stat().st_size for p in WEIGHTS_DIR.rglob("*") if p.is_file())
+    assert total < 20 * 2**20
+    assert config["command"].startswith("python -m llava_uhd.nano ")
+    data = config["training"]["data"]
+    assert data["seed"] == 0 and data["held_out_seed"] == 1 and data["train_samples"] == 2000
+    assert (WEIGHTS_DIR / "train_log.jsonl").is_file()
+    readme = " ".join((ROOT / "README.md").read_text().replace("\\\n", " ").split())
+    assert config["command"] in readme  # the exact command, in the README
+
+
+def _readme_main_command() -> list[list[str]]:
+    """The README's main-job command (the first bash block of the quick start), split at ``&&``."""
+    import re
+    import shlex
+
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Quick start.*?```bash\n(.*?)```", readme, re.S).group(1)
+    return [shlex.split(part) for part in block.replace("\\\n", " ").split("&&")]
+
+
+def test_readme_main_command_answers_its_example(cache, tmp_path, capsys, monkeypatch):
+    """The README's llava-uhd steps, run in process with the shipped weights: `ask` gives the example's true
+    answer to the question `example-image` printed."""
+    import re
+
+    from llava_uhd.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LLAVA_UHD_CACHE", str(cache))
+    steps = {s[1]: s[2:] for s in _readme_main_command() if s[0].endswith("/llava-uhd")}
+    assert {"example-image", "ask"} <= set(steps)
+    assert main(["example-image", *steps["example-image"]]) in (0, None)
+    printed = capsys.readouterr().out
+    question = re.search(r"question: (.*)", printed).group(1).strip()
+    truth = re.search(r"answer: (.*)", printed).group(1).strip()
+    assert steps["ask"][-1] == question and "--model" not in steps["ask"]
+    assert main(["ask", *steps["ask"]]) in (0, None)
+    assert capsys.readouterr().out.strip().lower().rstrip(".") == truth.lower()
