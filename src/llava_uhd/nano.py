@@ -50,7 +50,6 @@ import shlex
 import sys
 import tempfile
 import time
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -1035,6 +1034,7 @@ def load_nano(weights_dir=None, *, cache_dir=None, device: str = "cpu", vision=N
 
     from .backbones import prepare_backbone
     from .modeling import LlavaUHDForConditionalGeneration
+    from .modeling.loading import peft_quietly
     from .processing import LlavaUHDProcessor
 
     weights = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
@@ -1062,8 +1062,7 @@ def load_nano(weights_dir=None, *, cache_dir=None, device: str = "cpu", vision=N
         raise ValueError(f"{config_path}: unknown vision rounding {rounding!r}")
     state = load_file(str(weights / RESAMPLER_FILE))
     model.projector.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
-    with warnings.catch_warnings():  # peft reads a flag transformers 5 deprecated; not the user's concern
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with peft_quietly():
         model.language_model = PeftModel.from_pretrained(model.language_model, str(weights / ADAPTER_DIR))
     if merge_lora:
         model.language_model = model.language_model.merge_and_unload()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-__all__ = ["load_vision_tower", "load_causal_lm"]
+__all__ = ["load_vision_tower", "load_causal_lm", "peft_quietly"]
 
 # model_type of a checkpoint's config -> the transformers class holding just the vision tower
 _TOWER_CLASSES = {
@@ -49,3 +51,12 @@ def load_causal_lm(name_or_path: str | os.PathLike, gguf_file: str | None = None
     if dtype is not None:
         kwargs["dtype"] = _resolve_dtype(dtype)
     return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+
+@contextlib.contextmanager
+def peft_quietly():
+    """Wrapping a model with peft reads ``is_gradient_checkpointing``, which transformers 5 deprecated: a
+    FutureWarning that is peft's to fix, not the user's to read."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield

@@ -160,10 +160,10 @@ class SpatialResampler(CrossAttentionResampler):
         sampling_ratio: int = -1,
         eps: float = 1e-6,
     ):
-        grid = math.isqrt(num_queries) if num_queries > 0 else 0
-        if num_queries > 0 and grid * grid != num_queries:
+        super().__init__(vision_dim, hidden_size, num_queries, num_heads, eps=eps)  # checks the sizes positive
+        grid = math.isqrt(num_queries)
+        if grid * grid != num_queries:
             raise ValueError(f"num_queries must be a perfect square (a g x g query grid), got {num_queries}")
-        super().__init__(vision_dim, hidden_size, num_queries, num_heads, eps=eps)
         self.grid_size = grid
         self.aligned = bool(aligned)
         self.sampling_ratio = int(sampling_ratio)

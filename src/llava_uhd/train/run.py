@@ -62,11 +62,14 @@ def prepare_stage(model, args: LlavaUHDTrainingArguments):
     if args.lora:
         from peft import LoraConfig, get_peft_model
 
+        from ..modeling.loading import peft_quietly
+
         model.language_model.requires_grad_(False)
         targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
         config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                             target_modules=targets, bias="none", task_type="CAUSAL_LM")
-        model.language_model = get_peft_model(model.language_model, config)
+        with peft_quietly():
+            model.language_model = get_peft_model(model.language_model, config)
     else:
         model.language_model.requires_grad_(True)
     return model
