@@ -564,3 +564,26 @@ def test_readme_main_command_answers_its_example(cache, tmp_path, capsys, monkey
     assert steps["ask"][-1] == question and "--model" not in steps["ask"]
     assert main(["ask", *steps["ask"]]) in (0, None)
     assert capsys.readouterr().out.strip().lower().rstrip(".") == truth.lower()
+
+
+def _readme_row(readme: str, label: str) -> list[str]:
+    """The cells of the README table row that starts with ``label``."""
+    line = next(line for line in readme.splitlines() if line.startswith(f"| {label}"))
+    return [cell.strip().strip("*") for cell in line.strip("|").split("|")][1:]
+
+
+def test_shipped_results_meet_the_target_and_the_readme_reports_them():
+    """The shipped run's held-out results: LLaVA-UHD beats the same backbones trained with `pad` by at least 15
+    fine-detail points, and the README's table shows exactly the recorded numbers."""
+    results = _shipped_config()["results"]
+    assert results["eval_samples"] == 400 and results["held_out_seed"] == 1
+    gap = 100 * (results["uhd"]["fine_detail"] - results["pad"]["fine_detail"])
+    assert gap == pytest.approx(results["gap_fine_detail_points"], rel=1e-6)
+    assert gap >= 15 and results["meets_target"] is True
+    readme = (ROOT / "README.md").read_text()
+    kinds = ("probe_colour", "probe_shape", "probe_where", "grey_probe")
+    for variant, label in (("uhd", "nano LLaVA-UHD (shipped)"), ("pad", "same backbones, `pad`")):
+        r = results[variant]
+        cells = _readme_row(readme, label)
+        assert cells[:5] == [f"{100 * r['per_kind'][k]:.1f}" for k in kinds] + [f"{100 * r['fine_detail']:.1f} %"]
+    assert f"{gap:.1f} points" in readme
