@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -82,31 +81,11 @@ def import_llava_uhd():
 
 
 def machine_description(device: torch.device) -> dict:
+    """`llava_uhd.runinfo.machine` (CPU, threads, versions; the GPU on CUDA) plus the transformers version."""
     import transformers
+    from llava_uhd.runinfo import machine  # after import_llava_uhd: from src/ if not installed
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=torch.cuda.get_device_name(device), gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    cuda=torch.version.cuda)
-    return info
+    return {**machine(device), "transformers": transformers.__version__}
 
 
 def sync(device: torch.device) -> None:
@@ -207,8 +186,8 @@ def bench_case(vision, processor_cls, tower_key, dtype, args, device):
     encoder = build_encoder(vision, tower, args.layers, device, dtype)
     pixel_values = pixel_values.to(device=device, dtype=dtype)
     setup_s = time.perf_counter() - t0
-    layers_total = len(encoder._layers)
-    layers_run = encoder._num_layers_to_run
+    layers_total = len(encoder.layers)
+    layers_run = encoder.num_layers_to_run
     grid_list = [tuple(g) for g in grids.tolist()]
     seq_lens = [h * w + encoder.num_prefix_tokens for h, w in grid_list]
     case = {
@@ -377,7 +356,7 @@ def main(argv=None) -> int:
     processor_cls, vision = import_llava_uhd()
     machine = machine_description(device)
     print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()), flush=True)
-    print(f"varlen_attn in this torch: {vision._torch_varlen_attn is not None}", flush=True)
+    print(f"varlen_attn in this torch: {vision.torch_has_varlen_attn()}", flush=True)
     if args.layers is not None:
         print(f"NOTE: --layers {args.layers}: towers cut to {args.layers} layers ({args.layers - 1} run); "
               "times are not full-model times", flush=True)

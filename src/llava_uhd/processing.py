@@ -197,6 +197,12 @@ class LlavaUHDProcessor(ProcessorMixin):
                                               self.newline_id, self.spatial_schema, self.overview_position))
         return layouts
 
+    def question_prompt(self, question: str) -> str:
+        """The generation prompt for one image and ``question``: a user turn holding the image and the question,
+        rendered with the processor's chat template (``add_generation_prompt=True``)."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return self.apply_chat_template(messages, add_generation_prompt=True)
+
     def num_image_tokens(self, width: int, height: int, max_slices: int | None = None) -> int:
         """LLM tokens one ``width x height`` image costs, known before processing it."""
         plan = self.image_processor.plan(width, height, max_slices)

@@ -9,30 +9,47 @@ Two halves, usable separately:
   fine-detail kinds together (``FINE_DETAIL_KINDS`` present in the data) and over everything.
 
 `evaluate_samples` runs both on a list of `SyntheticSample` (or any objects with ``image``, ``question``,
-``answer`` and ``kind``).
+``answer`` and ``kind``); `prior_answers` and `score_prior` give the "prior" row (a model that ignores the image).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from ..data.batches import ordered_batches
 from ..data.synthetic import FINE_DETAIL_KINDS, KINDS, is_correct
 
-__all__ = ["generate_answers", "score_predictions", "evaluate_samples", "default_prompt"]
+__all__ = ["generate_answers", "score_predictions", "evaluate_samples", "prior_answers", "score_prior"]
 
 
-def default_prompt(processor, question: str) -> str:
-    """The generation prompt for one image and ``question``, rendered with the processor's chat template."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
+class _PromptBatches:
+    """Batch ``b`` of the (image, prompt) pairs, processed (map-style, so data workers can prepare batches)."""
+
+    def __init__(self, processor, images: Sequence[Any], prompts: Sequence[str], batch_size: int):
+        self.processor, self.images, self.prompts, self.batch_size = processor, images, prompts, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.prompts) / self.batch_size)
+
+    def __getitem__(self, b: int) -> dict:
+        start, stop = b * self.batch_size, min(len(self.prompts), (b + 1) * self.batch_size)
+        return dict(self.processor(images=list(self.images[start:stop]), text=list(self.prompts[start:stop]),
+                                   padding_side="left"))
+
+
+def _first(batch: list) -> Any:
+    return batch[0]
 
 
 def generate_answers(model, processor, images: Sequence[Any], prompts: Sequence[str], batch_size: int = 32,
-                     max_new_tokens: int = 8, progress: bool = False) -> list[str]:
+                     max_new_tokens: int = 8, progress: bool = False, workers: int = 0) -> list[str]:
     """Greedy answers (decoded text, special tokens dropped, stripped) for each ``(image, prompt)`` pair.
 
     Each prompt must hold one ``<image>`` placeholder. Batches are left padded; the model is put in eval mode.
+    ``workers`` > 0 processes the next batches' images in that many workers while the model generates.
     """
     import torch
 
@@ -43,15 +60,13 @@ def generate_answers(model, processor, images: Sequence[Any], prompts: Sequence[
     tokenizer = processor.tokenizer
     model.eval()
     answers: list[str] = []
-    starts = range(0, len(prompts), batch_size)
+    batches = _PromptBatches(processor, images, prompts, batch_size)
+    loader = ordered_batches(batches, 1, workers, collate_fn=_first)
     if progress:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc="evaluating", unit="batch", leave=False)
-    for start in starts:
-        batch_images = list(images[start:start + batch_size])
-        batch_prompts = list(prompts[start:start + batch_size])
-        inputs = processor(images=batch_images, text=batch_prompts, padding_side="left")
+        loader = tqdm(loader, total=len(batches), desc="evaluating", unit="batch", leave=False)
+    for inputs in loader:
         inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
         with torch.inference_mode():
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
@@ -89,13 +104,34 @@ def score_predictions(predictions: Sequence[str], answers: Sequence[str], kinds:
 
 
 def evaluate_samples(model, processor, samples: Sequence[Any], batch_size: int = 32, max_new_tokens: int = 8,
-                     prompt: Callable[[Any, str], str] = default_prompt, progress: bool = False,
-                     fine_detail_kinds: Sequence[str] = FINE_DETAIL_KINDS) -> dict[str, Any]:
-    """Greedy answers to ``samples`` and their scores: `score_predictions`'s dict plus ``"predictions"``."""
-    prompts = [prompt(processor, s.question) for s in samples]
+                     prompt: Callable[[str], str] | None = None, progress: bool = False,
+                     fine_detail_kinds: Sequence[str] = FINE_DETAIL_KINDS, workers: int = 0) -> dict[str, Any]:
+    """Greedy answers to ``samples`` and their scores: `score_predictions`'s dict plus ``"predictions"``.
+    ``prompt(question)`` makes each prompt (default: the processor's `question_prompt`)."""
+    prompt = prompt or processor.question_prompt
+    prompts = [prompt(s.question) for s in samples]
     predictions = generate_answers(model, processor, [s.image for s in samples], prompts, batch_size,
-                                   max_new_tokens, progress)
+                                   max_new_tokens, progress, workers)
     scores = score_predictions(predictions, [s.answer for s in samples], [s.kind for s in samples],
                                fine_detail_kinds)
     scores["predictions"] = predictions
     return scores
+
+
+def prior_answers(kind_answer_pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Per kind, the most frequent answer of ``(kind, answer)`` training pairs (ties: alphabetical): what a model
+    that ignores the image answers."""
+    by_kind: dict[str, Counter] = {}
+    for kind, answer in kind_answer_pairs:
+        by_kind.setdefault(kind, Counter())[answer] += 1
+    return {k: sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0][0] for k, c in by_kind.items()}
+
+
+def score_prior(prior: dict[str, str], samples: Sequence[Any], fine_detail_kinds: Sequence[str] = FINE_DETAIL_KINDS
+                ) -> dict[str, Any]:
+    """The "prior" row: `score_predictions` of answering every sample with its kind's `prior_answers` entry,
+    without the per-item list, plus ``"answers"`` (the prior itself)."""
+    scores = score_predictions([prior.get(s.kind, "") for s in samples], [s.answer for s in samples],
+                               [s.kind for s in samples], fine_detail_kinds)
+    scores.pop("correct")
+    return {"answers": prior, **scores}

