@@ -50,11 +50,15 @@ def distances(shapes, location: str, w: int, h: int) -> list[float]:
     return out
 
 
-def _random_shapes(rng, canvas, n: int, avoid: Callable[[str, str], bool] = lambda c, s: False):
+def _random_shapes(rng, canvas, n: int, avoid: Callable[[str, str], bool] = lambda c, s: False,
+                   draw: Callable[[], tuple[str, str]] | None = None):
+    """Up to ``n`` shapes placed on ``canvas``: each a ``(colour, kind)`` from ``draw`` (default: any), drawn again
+    (at most 20 times, else skipped) while ``avoid`` says no."""
+    draw = draw or (lambda: (rng.choice(list(COLOURS)), rng.choice(SHAPES)))
     shapes = []
     for _ in range(n):
         for _ in range(20):
-            colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+            colour, shape = draw()
             if not avoid(colour, shape):
                 break
         else:
@@ -87,17 +91,11 @@ def _kind_count(rng, image, w, h):
             shapes.append(planned)
     answer = len(shapes)
     # Distractors: about half share the target's colour or kind, so the question needs the detail.
-    for _ in range(rng.randint(2, 8)):
-        for _ in range(20):
-            c = colour if rng.random() < 0.3 else rng.choice(list(COLOURS))
-            s = shape if rng.random() < 0.3 else rng.choice(SHAPES)
-            if not matches(c, s):
-                break
-        else:
-            continue
-        planned = plan_shape(rng, canvas, c, s)
-        if planned is not None:
-            shapes.append(planned)
+    def distractor():
+        c = colour if rng.random() < 0.3 else rng.choice(list(COLOURS))
+        return c, shape if rng.random() < 0.3 else rng.choice(SHAPES)
+
+    shapes += _random_shapes(rng, canvas, rng.randint(2, 8), matches, distractor)
     order = list(range(len(shapes)))
     rng.shuffle(order)  # no meaning in the order of the list
     shapes = [shapes[i] for i in order]
