@@ -59,7 +59,8 @@ class _ManyTensors:
 
     def __getitem__(self, i):
         ids = torch.arange(4) + i
-        return {"index": i, "pixel_values": torch.full((2, 3), float(i)), "patch_grid_hw": torch.tensor([[1, 1], [1, 1]]),
+        return {"index": i, "pixel_values": torch.full((2, 3), float(i)),
+                "patch_grid_hw": torch.tensor([[1, 1], [1, 1]]),
                 "crop_image_ids": torch.zeros(2, dtype=torch.long), "crop_is_overview": torch.tensor([False, True]),
                 "image_layout": torch.tensor([[1, 1]]), "image_sizes": torch.tensor([[5, 5]]),
                 "caption": (ids, ids.clone()), "qa": (ids + 1, ids - 1)}

@@ -35,8 +35,8 @@ def accuracy_table(results: dict[str, Any], extra: Sequence[tuple[str, Callable[
               *(["all"] if overall else []), *[title for title, _ in extra]]
 
     def accuracies(r: dict, mark) -> list[str]:
-        return [*[pct(r["per_kind"].get(k, {}).get("accuracy")) for k in kinds], mark(pct(r["fine_detail"]["accuracy"])),
-                *([pct(r["all"]["accuracy"])] if overall else [])]
+        per_kind = [pct(r["per_kind"].get(k, {}).get("accuracy")) for k in kinds]
+        return [*per_kind, mark(pct(r["fine_detail"]["accuracy"])), *([pct(r["all"]["accuracy"])] if overall else [])]
 
     rows = [[strong(name), *accuracies(r, strong), *[cell(r) for _, cell in extra]]
             for name, r in results["variants"].items()]

@@ -87,7 +87,8 @@ class _Paused(Exception):
 
 
 class _Run:
-    """The state shared by the steps of one run: settings, clocks, the output and state folders, the log."""
+    """The state shared by the steps of one run: settings, clocks, the output and state folders, the log, and what
+    the run has made so far (backbones, the feature-cache check, the held-out set, the plan)."""
 
     def __init__(self, out_dir, settings: NanoSettings, log: Callable[[str], None] | None):
         self.start = time.perf_counter()
@@ -100,8 +101,13 @@ class _Run:
         self.run_file = self.state / "run.json"
         self.log_rows: list[dict] = []
         self.workers = _default_workers(settings)
+        # set as the run gets to them
+        self.backbones: Backbones | None = None
         self.cache_check: dict = {}
         self.train_pairs: list[tuple[str, str]] = []
+        self.eval_samples: list = []
+        self.plan: StepPlan | None = None
+        self.trained_here = False  # a pause waits for this run to have trained at least one step
 
     def say(self, text: str) -> None:
         if self.log is not None:
@@ -125,9 +131,9 @@ class _Run:
                              + "): rerun with the same settings to continue it, or use another --out")
         return saved
 
-    def save_state(self, plan: StepPlan) -> None:
+    def save_state(self) -> None:
         """The recipe, the plan, the feature-cache check and the training answers: what a rerun reuses."""
-        self.run_file.write_text(json.dumps({"recipe": recipe(self.settings), "plan": plan.record,
+        self.run_file.write_text(json.dumps({"recipe": recipe(self.settings), "plan": self.plan.record,
                                              "feature_cache_check": self.cache_check,
                                              "train_pairs": self.train_pairs}, indent=1) + "\n")
 
@@ -160,7 +166,7 @@ def _set_up_torch(settings: NanoSettings) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def _cache_training_features(run: _Run, backbones: Backbones, model, todo: list[str], train_set
+def _cache_training_features(run: _Run, model, todo: list[str], train_set: SyntheticSamples
                              ) -> tuple[dict[str, list[dict]], dict[str, Any]]:
     """Per variant still to train: its processor, and the training samples encoded (both templates) with the
     tower's features in place of the pixels. A run that may be continued keeps them on disk too (a CPU needs
@@ -171,7 +177,7 @@ def _cache_training_features(run: _Run, backbones: Backbones, model, todo: list[
     cached: dict[str, list[dict]] = {}
     processors: dict[str, Any] = {}
     for variant in todo:
-        processors[variant] = LlavaUHDProcessor.from_backbones(backbones.vision_dir, backbones.llm_dir,
+        processors[variant] = LlavaUHDProcessor.from_backbones(run.backbones.vision_dir, run.backbones.llm_dir,
                                                                **model_settings(s, variant))
         t0 = time.perf_counter()
         feature_file = run.state / f"features-{variant}.pt"
@@ -206,41 +212,103 @@ def _plan(run: _Run, saved: dict, model, processor, cached: dict[str, list[dict]
     return plan
 
 
-def _results_header(run: _Run, plan: StepPlan, eval_samples: list, backbones: Backbones, command: str | None
-                    ) -> dict[str, Any]:
+def _results_header(run: _Run, command: str | None) -> dict[str, Any]:
     s = run.settings
     return {
         "settings": {**asdict(s), "held_out_seed": s.held_out_seed},
-        "plan": plan.record,
+        "plan": run.plan.record,
         "kinds": list(s.kinds),
         "fine_detail_kinds": [k for k in s.kinds if k in FINE_KINDS],
-        "eval_kind_counts": dict(Counter(e.kind for e in eval_samples)),
+        "eval_kind_counts": dict(Counter(e.kind for e in run.eval_samples)),
         "variants": {},
         "command": command,
         "versions": versions(),
         "machine": machine(s.device),
-        "backbones": backbones.info(),
+        "backbones": run.backbones.info(),
         "feature_cache_check": run.cache_check,
-        "prior": score_prior(prior_answers(run.train_pairs), eval_samples, FINE_KINDS),
+        "prior": score_prior(prior_answers(run.train_pairs), run.eval_samples, FINE_KINDS),
     }
 
 
-def _export_and_verify(run: _Run, model, backbones: Backbones, plan: StepPlan, results: dict, command,
-                       eval_samples: list, predictions: list[str]) -> dict:
+def _train_stages(run: _Run, model, processor, variant: str, tag: str, cached: list[dict], first: bool,
+                  hard_deadline: float | None, rows: list[dict]) -> tuple[Any, dict]:
+    """Stage 1 (captions, the resampler) then stage 2 (answers, resampler + LoRA). Raises `_Paused` at
+    ``--stop-after`` (once this run has trained a step). When the ``first`` variant stops short of its steps
+    (the time budget's backstop), the others get the same number."""
+    s, plan = run.settings, run.plan
+    info: dict[str, Any] = {}
+    for stage, key in ((1, "caption"), (2, "qa")):
+        n = plan.steps[f"steps{stage}"]
+        stage_dir = run.state / f"{variant}-stage{stage}"
+        if (run.trained_here and run.pause_at is not None and time.perf_counter() > run.pause_at
+                and not (stage_dir / STAGE_FILE).is_file()):
+            raise _Paused(f"{variant} stage {stage}", rows)
+        run.say(f"{tag} {variant} stage {stage} ({'resampler' if stage == 1 else 'resampler + LoRA'}, template "
+                f"{s.template1 if stage == 1 else s.template2}): {n} step(s) of {s.batch_size}")
+        model, stage_info = train_stage(model, processor, training_items(cached, key), s, stage, n, variant, rows,
+                                        hard_deadline, run.say, stage_dir, run.pause_at)
+        run.trained_here = run.trained_here or not stage_info.get("restored", False)
+        if stage_info.get("paused"):
+            raise _Paused(f"{variant} stage {stage} step {stage_info['steps']}/{n}", rows)
+        info[f"stage{stage}"] = stage_info
+        last = stage_info["final_loss"]
+        run.say(f"    {variant} stage {stage}: {stage_info['steps']} step(s) in {stage_info['seconds']:.1f} s, mean "
+                f"loss {stage_info['train_loss']:.3f}, last logged {'-' if last is None else f'{last:.3f}'}"
+                + (" (stopped by the time budget)" if stage_info["stopped_by_deadline"] else ""))
+        if first and stage_info["steps"] < n:
+            plan.use({**plan.steps, f"steps{stage}": max(1, stage_info["steps"])})
+            run.save_state()
+    return model, info
+
+
+def _export_and_verify(run: _Run, model, results: dict, predictions: list[str]) -> dict:
     """Write ``nano_weights/``; with ``verify_export``, reload it and answer the first 16 held-out questions."""
-    config = nano_config(run.settings, backbones.info(), plan.steps, command, results["versions"], results["machine"])
+    config = nano_config(run.settings, run.backbones.info(), run.plan.steps, results["command"],
+                         results["versions"], results["machine"])
     export = export_nano_weights(model, run.out / "nano_weights", config)
     run.say(f"    exported {export['dir']} ({export['bytes'] / 2**20:.2f} MiB)")
     info = {"export": export}
     if run.settings.verify_export:
-        n_check = min(16, len(eval_samples))
-        reloaded, reprocessor, _ = load_nano(export["dir"], vision=backbones.vision_dir, llm=backbones.llm_dir,
-                                             device=run.settings.device, merge_lora=False)
-        again = answer_samples(reloaded, reprocessor, eval_samples[:n_check], run.settings, 0)
+        n_check = min(16, len(run.eval_samples))
+        reloaded, reprocessor, _ = load_nano(export["dir"], vision=run.backbones.vision_dir,
+                                             llm=run.backbones.llm_dir, device=run.settings.device, merge_lora=False)
+        again = answer_samples(reloaded, reprocessor, run.eval_samples[:n_check], run.settings, 0)
         same = sum(a == b for a, b in zip(again, predictions[:n_check]))
         info["export_check"] = {"same_answers": same, "of": n_check}
         run.say(f"    export check: the reloaded weights give the same answer on {same}/{n_check} samples")
     return info
+
+
+def _run_variant(run: _Run, variant: str, tag: str, model, processor, cached: list[dict], first: bool,
+                 later: Sequence[str], results: dict) -> None:
+    """Train, evaluate (and for ``uhd`` export) one variant; its record goes to ``state/<variant>.json``."""
+    t_variant = time.perf_counter()
+    info: dict[str, Any] = {"description": VARIANTS[variant]["description"],
+                            "settings": model_settings(run.settings, variant)}
+    rows: list[dict] = []
+    # a backstop only (the steps were sized to fit): stop training when the time the later variants need (their
+    # estimate) and this variant's evaluation are all that is left
+    hard = None
+    if run.deadline is not None:
+        hard = (run.deadline - sum(run.plan.reserve_s.get(v, 15.0) for v in later)
+                - run.plan.eval_reserve_s.get(variant, 10.0))
+    model, stages = _train_stages(run, model, processor, variant, tag, cached, first, hard, rows)
+    info.update(stages)
+    del cached  # the features: the caller kept no reference, so their memory is free for the evaluation
+    run.log_rows.extend(rows)
+    round_trainable_to_fp16_(model)
+    model.requires_grad_(False)
+    info.update(evaluate_variant(model, processor, run.eval_samples, run.settings, run.workers))
+    run.say(f"    {variant}: fine-detail accuracy {pct(info['fine_detail']['accuracy'])} %, overall "
+            f"{pct(info['all']['accuracy'])} % ({info['eval_time_s']:.1f} s to evaluate {len(run.eval_samples)} "
+            "held-out samples)")
+    if variant == "uhd":
+        info.update(_export_and_verify(run, model, results, [p["prediction"] for p in info["predictions"]]))
+    info["wall_time_s"] = time.perf_counter() - t_variant
+    results["variants"][variant] = info
+    (run.state / f"{variant}.json").write_text(json.dumps({**info, "log": rows}, indent=1) + "\n")
+    (run.state / f"features-{variant}.pt").unlink(missing_ok=True)  # large, and no longer needed
+    run.write(results)
 
 
 def _finish(run: _Run, results: dict) -> dict:
@@ -259,72 +327,6 @@ def _finish(run: _Run, results: dict) -> dict:
         path.write_text(json.dumps(config, indent=1) + "\n")
     run.write(results)
     return results
-
-
-def _train_stages(run: _Run, model, processor, variant: str, tag: str, cached: list[dict], plan: StepPlan,
-                  first: bool, hard_deadline: float | None, rows: list[dict], trained_here: list[bool]
-                  ) -> tuple[Any, dict]:
-    """Stage 1 (captions, the resampler) then stage 2 (answers, resampler + LoRA). Raises `_Paused` at
-    ``--stop-after`` (once this run has trained a step). When the ``first`` variant stops short of its steps
-    (the time budget's backstop), the others get the same number."""
-    s = run.settings
-    info: dict[str, Any] = {}
-    for stage, key in ((1, "caption"), (2, "qa")):
-        n = plan.steps[f"steps{stage}"]
-        stage_dir = run.state / f"{variant}-stage{stage}"
-        if (trained_here[0] and run.pause_at is not None and time.perf_counter() > run.pause_at
-                and not (stage_dir / STAGE_FILE).is_file()):
-            raise _Paused(f"{variant} stage {stage}", rows)
-        run.say(f"{tag} {variant} stage {stage} ({'resampler' if stage == 1 else 'resampler + LoRA'}, template "
-                f"{s.template1 if stage == 1 else s.template2}): {n} step(s) of {s.batch_size}")
-        model, stage_info = train_stage(model, processor, training_items(cached, key), s, stage, n, variant, rows,
-                                        hard_deadline, run.say, stage_dir, run.pause_at)
-        trained_here[0] = trained_here[0] or not stage_info.get("restored", False)
-        if stage_info.get("paused"):
-            raise _Paused(f"{variant} stage {stage} step {stage_info['steps']}/{n}", rows)
-        info[f"stage{stage}"] = stage_info
-        last = stage_info["final_loss"]
-        run.say(f"    {variant} stage {stage}: {stage_info['steps']} step(s) in {stage_info['seconds']:.1f} s, mean "
-                f"loss {stage_info['train_loss']:.3f}, last logged {'-' if last is None else f'{last:.3f}'}"
-                + (" (stopped by the time budget)" if stage_info["stopped_by_deadline"] else ""))
-        if first and stage_info["steps"] < n:
-            plan.use({**plan.steps, f"steps{stage}": max(1, stage_info["steps"])})
-            run.save_state(plan)
-    return model, info
-
-
-def _run_variant(run: _Run, variant: str, tag: str, model, processor, cached: list[dict], plan: StepPlan,
-                 first: bool, later: Sequence[str], eval_samples: list, backbones: Backbones, results: dict,
-                 command: str | None, trained_here: list[bool]) -> None:
-    """Train, evaluate (and for ``uhd`` export) one variant; its record goes to ``state/<variant>.json``."""
-    t_variant = time.perf_counter()
-    info: dict[str, Any] = {"description": VARIANTS[variant]["description"],
-                            "settings": model_settings(run.settings, variant)}
-    rows: list[dict] = []
-    # a backstop only (the steps were sized to fit): stop training when the time the later variants need (their
-    # estimate) and this variant's evaluation are all that is left
-    hard = None
-    if run.deadline is not None:
-        hard = (run.deadline - sum(plan.reserve_s.get(v, 15.0) for v in later)
-                - plan.eval_reserve_s.get(variant, 10.0))
-    model, stages = _train_stages(run, model, processor, variant, tag, cached, plan, first, hard, rows, trained_here)
-    info.update(stages)
-    del cached  # the features: the caller kept no reference, so their memory is free for the evaluation
-    run.log_rows.extend(rows)
-    round_trainable_to_fp16_(model)
-    model.requires_grad_(False)
-    info.update(evaluate_variant(model, processor, eval_samples, run.settings, run.workers))
-    run.say(f"    {variant}: fine-detail accuracy {pct(info['fine_detail']['accuracy'])} %, overall "
-            f"{pct(info['all']['accuracy'])} % ({info['eval_time_s']:.1f} s to evaluate {len(eval_samples)} "
-            "held-out samples)")
-    if variant == "uhd":
-        predictions = [p["prediction"] for p in info["predictions"]]
-        info.update(_export_and_verify(run, model, backbones, plan, results, command, eval_samples, predictions))
-    info["wall_time_s"] = time.perf_counter() - t_variant
-    results["variants"][variant] = info
-    (run.state / f"{variant}.json").write_text(json.dumps({**info, "log": rows}, indent=1) + "\n")
-    (run.state / f"features-{variant}.pt").unlink(missing_ok=True)  # large, and no longer needed
-    run.write(results)
 
 
 def train_nano(out_dir, device: str = "cpu", train_samples: int | None = None, eval_samples: int | None = None,
@@ -368,13 +370,13 @@ def train_nano(out_dir, device: str = "cpu", train_samples: int | None = None, e
             + (f"; continuing the run in {run.out} ({', '.join(finished) or 'no variant'} finished)" if saved else ""))
 
     # the data: training features per variant still to train, the held-out set
-    backbones = resolve_backbones(settings, cache_dir, vision_bundle, log)
-    model = processor = None
+    run.backbones = resolve_backbones(settings, cache_dir, vision_bundle, log)
+    model = None
     if todo:
-        model, processor = build_model(backbones, settings, todo[0], settings.seed)
+        model, _ = build_model(run.backbones, settings, todo[0], settings.seed)
         model.to(settings.device)
     train_set = SyntheticSamples(settings.train_samples, settings.seed, settings)
-    cached, processors = _cache_training_features(run, backbones, model, todo, train_set)
+    cached, processors = _cache_training_features(run, model, todo, train_set)
     if "plan" in saved:
         run.cache_check, run.train_pairs = saved["feature_cache_check"], [tuple(p) for p in saved["train_pairs"]]
     else:
@@ -386,13 +388,12 @@ def train_nano(out_dir, device: str = "cpu", train_samples: int | None = None, e
                 f"{run.cache_check['rel_err']:.1e})")
         run.train_pairs = [(c["kind"], c["answer"]) for c in first]
     held_out = SyntheticSamples(settings.eval_samples, settings.held_out_seed, settings)
-    eval_list = [held_out[i] for i in range(len(held_out))]
+    run.eval_samples = [held_out[i] for i in range(len(held_out))]
 
     # the plan, then each variant: train, evaluate, export
-    plan = _plan(run, saved, model, processors.get(variants[0]), cached, variants)
-    run.save_state(plan)
-    results = _results_header(run, plan, eval_list, backbones, command)
-    trained_here = [False]  # a pause waits for this run to have trained at least one step
+    run.plan = _plan(run, saved, model, processors.get(variants[0]), cached, variants)
+    run.save_state()
+    results = _results_header(run, command)
     for k, variant in enumerate(variants):
         tag = f"[{k + 1}/{len(variants)}]"
         if variant in finished:  # trained and evaluated by an earlier run
@@ -403,12 +404,11 @@ def train_nano(out_dir, device: str = "cpu", train_samples: int | None = None, e
                     f"{pct(info['fine_detail']['accuracy'])} %)")
             continue
         if variant != todo[0]:  # the first one trains the model that cached the features (no step taken yet)
-            model, processor = build_model(backbones, settings, variant, settings.seed)
+            model, _ = build_model(run.backbones, settings, variant, settings.seed)
             model.to(settings.device)
         try:
-            _run_variant(run, variant, tag, model, processors[variant], cached.pop(variant), plan,
-                         variant == variants[0], variants[k + 1:], eval_list, backbones, results, command,
-                         trained_here)
+            _run_variant(run, variant, tag, model, processors[variant], cached.pop(variant), variant == variants[0],
+                         variants[k + 1:], results)
         except _Paused as p:
             return run.pause(results, run.log_rows + p.rows, p.where)
         model = None
