@@ -245,10 +245,11 @@ def test_bf16_and_pos_cache():
     with torch.no_grad():
         out = m(x, g)
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-    cached = m._pos_cache[(2, 3, torch.device("cpu"))]
-    assert cached.dtype == torch.float32
+    cached = m.pos_embed(2, 3)
+    assert cached.dtype == torch.float32 and m.pos_embed(2, 3) is cached  # kept in float32 in a bf16 model
     assert torch.equal(cached, get_2d_sincos_pos_embed(HID, (2, 3)))
-    assert "_pos_cache" not in str(list(m.state_dict()))
+    assert m.pos_embed(2, 3, dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert m.state_dict().keys() == make().state_dict().keys()  # a cache, not a parameter or buffer
 
 
 @pytest.mark.parametrize("kind", ["perceiver", "spatial"])
