@@ -47,3 +47,15 @@ def test_command_line_defaults_come_from_the_settings():
     args = parser.parse_args(["--steps1", "7", "--kinds", "probe_colour", "--no-bf16"])
     assert (args.steps1, args.kinds, args.bf16, args.variants) == (7, ["probe_colour"], False, ["uhd", "pad"])
     assert f"default {NanoSettings().train_samples}" in parser.format_help()
+
+
+def test_the_package_face_names_load_from_their_modules():
+    import llava_uhd.nano as nano
+
+    for name in nano.__all__:
+        value = getattr(nano, name)  # imported from its module on first use
+        if callable(value):
+            assert value.__module__.startswith("llava_uhd.nano."), name
+    assert set(nano.__all__) <= set(dir(nano))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        nano.nope
