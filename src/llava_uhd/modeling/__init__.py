@@ -1,5 +1,6 @@
-"""Model components of LLaVA-UHD: the adaptive vision encoder, the compression layer (perceiver resampler), the MLP
-projector baseline, and the LMM that ties them to a causal LLM."""
+"""Model components of LLaVA-UHD: the adaptive vision encoder (`vision`, with `pos_embed` and `packed_attention`),
+the compression layer (`resampler`, `spatial_resampler`), the MLP projector baseline (`projector`), and the LMM that
+ties them to a causal LLM (`modeling_llava_uhd`, `configuration_llava_uhd`; backbones loaded by `loading`)."""
 
 from .configuration_llava_uhd import LlavaUHDConfig
 from .modeling_llava_uhd import LlavaUHDForConditionalGeneration, LlavaUHDPreTrainedModel
