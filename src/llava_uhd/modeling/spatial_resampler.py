@@ -72,6 +72,7 @@ from fractions import Fraction
 import torch
 from torch import Tensor, nn
 
+from .pos_embed import interpolate_pos_embed
 from .resampler import CrossAttentionResampler, get_2d_sincos_pos_embed, group_crops, scatter_groups
 
 __all__ = ["SpatialResampler", "pooling_size", "roi_align_matrix", "POOLING_CANDIDATES"]
@@ -222,8 +223,6 @@ class SpatialResampler(CrossAttentionResampler):
     def key_pos_embed(self, grid_hw: tuple[int, int], dtype=None) -> Tensor:
         """``pos_embed`` as a ``g x g`` map resized (bicubic, ``align_corners=False``, float32) to the crop's grid:
         ``(h_p * w_p, hidden)``; unchanged at ``h_p = w_p = g``."""
-        from .vision import interpolate_pos_embed
-
         g = self.grid_size
         pos = interpolate_pos_embed(self.pos_embed.float().reshape(g, g, -1), grid_hw)
         return pos if dtype is None else pos.to(dtype)
