@@ -116,3 +116,70 @@ def test_chat_template_renders_vicuna(processor):
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert text.endswith(" USER: <image>\nWhat colour? ASSISTANT:")
     assert text.startswith("A chat between a curious human")
+
+
+# ------------------------------------------------------------------------------------------- transformers' conventions
+def test_call_takes_transformers_kwargs_flat_or_per_modality(processor):
+    image = random_image(300, 500, 3)
+    text = "USER: <image>\nWhat? ASSISTANT:"
+    ref = processor(images=[image], text=[text], max_slices=2)
+    nested = processor(images=[image], text=[text], videos=None, audio=None, images_kwargs={"max_slices": 2},
+                       text_kwargs={"padding_side": "left"}, return_mm_token_type_ids=False)
+    assert torch.equal(ref["input_ids"], nested["input_ids"]) and torch.equal(ref["pixel_values"],
+                                                                              nested["pixel_values"])
+    assert len(ref["patch_grid_hw"]) == 3  # 2 slices + overview: the per-call cap reached the image processor
+    as_numpy = processor(images=[image], text=[text], return_tensors=None)
+    assert isinstance(as_numpy["input_ids"], np.ndarray)
+    no_bos = processor(text=["What?"], add_special_tokens=False)["input_ids"][0].tolist()
+    assert no_bos == processor.tokenizer("What?", add_special_tokens=False)["input_ids"]
+
+
+def test_other_modalities_and_truncation_are_refused_by_name(processor):
+    with pytest.raises(ValueError, match="videos were given"):
+        processor(text=["<image>"], images=[random_image(30, 30)], videos=[np.zeros((2, 8, 8, 3))])
+    with pytest.raises(ValueError, match="audio were given"):
+        processor(text=["hi"], audio=np.zeros(16000))
+    with pytest.raises(ValueError, match="does not truncate"):
+        processor(text=["hi"], truncation=True, max_length=4)
+
+
+def test_images_nested_per_prompt_as_chat_templates_pass_them(processor):
+    a, b, c = random_image(40, 90, 1), random_image(80, 30, 2), random_image(50, 50, 3)
+    flat = processor(images=[a, b, c], text=["<image> one", "<image><image> two"])
+    nested = processor(images=[[a], [b, c]], text=["<image> one", "<image><image> two"])
+    assert all(torch.equal(flat[k], nested[k]) for k in flat)
+
+
+def test_number_of_image_tokens_up_front(processor):
+    sizes = [(1008, 672), (336, 336), (90, 2000)]  # (height, width)
+    data = processor._get_num_multimodal_tokens(image_sizes=sizes)
+    images = [random_image(w, h, k) for k, (h, w) in enumerate(sizes)]
+    out = processor(images=images, text=["<image>"] * 3, padding_side="left")
+    got = [count(ids, processor.image_token_id) + count(ids, processor.comma_id) + count(ids, processor.newline_id)
+           for ids in out["input_ids"]]
+    assert data.num_image_tokens == got == [processor.num_image_tokens(w, h) for h, w in sizes]
+    grids = out["patch_grid_hw"]
+    per_image = torch.bincount(out["crop_image_ids"], weights=(grids[:, 0] * grids[:, 1]).double())
+    assert data.num_image_patches == [int(n) for n in per_image]
+    assert processor._get_num_multimodal_tokens().num_image_tokens is None
+
+
+def test_chat_template_tokenized_equals_the_two_step_path(processor, tmp_path):
+    import base64
+    import io
+
+    images = [random_image(120, 60, 5), random_image(40, 100, 6)]
+    path = tmp_path / "b.png"
+    images[1].save(path)
+    buf = io.BytesIO()
+    images[0].save(buf, format="PNG")
+    data_url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    messages = [{"role": "user", "content": [{"type": "image", "image": data_url}, {"type": "image", "path": str(path)},
+                                             {"type": "text", "text": "Which is wider?"}]}]
+    got = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                        return_tensors="pt")
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    want = processor(images=images, text=[prompt])
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    ids = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_tensors="pt")
+    assert torch.equal(ids, want["input_ids"])

@@ -1,40 +1,48 @@
 """LLaVA-UHD: a large multimodal model that perceives images of any aspect ratio and high resolution.
 
-Importing the package registers ``model_type = "llava_uhd"`` with transformers' Auto classes (when torch is
-installed; the slicing geometry and the image processor work without it).
+    import llava_uhd                                   # fast: neither torch nor transformers is imported
+    llava_uhd.plan_slices(1008, 672)                   # the slicing geometry, pure Python
+    model = llava_uhd.LlavaUHDForConditionalGeneration.from_pretrained("out")   # loads torch + transformers
+
+The model and processor classes load on first use and register ``model_type = "llava_uhd"`` with transformers'
+Auto classes then; after ``import llava_uhd``, transformers' own Auto classes and ``pipeline`` find the model too
+(`llava_uhd.auto`).
 """
 
-import importlib.util
+import importlib
 
+from .auto import install_import_hook, register_config_and_processors, register_models
 from .slicing import Slice, SliceConfig, SlicePlan, plan_slices
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Slice",
-    "SliceConfig",
-    "SlicePlan",
-    "plan_slices",
-    "LlavaUHDImageProcessor",
-    "LlavaUHDProcessor",
-    "LlavaUHDConfig",
-    "LlavaUHDForConditionalGeneration",
-]
+# name -> (module, what registering it needs)
+_LAZY = {
+    "LlavaUHDImageProcessor": ("image_processing", register_config_and_processors),
+    "LlavaUHDProcessor": ("processing", register_config_and_processors),
+    "LlavaUHDConfig": ("modeling.configuration_llava_uhd", register_config_and_processors),
+    "LlavaUHDForConditionalGeneration": ("modeling.modeling_llava_uhd", register_models),
+}
 
-if importlib.util.find_spec("torch") is not None:
-    from .modeling import LlavaUHDConfig, LlavaUHDForConditionalGeneration  # registers the Auto classes
+__all__ = ["Slice", "SliceConfig", "SlicePlan", "plan_slices", *_LAZY]
+
+install_import_hook()
 
 
-def __getattr__(name):
-    # Processors pull in transformers: import them only when asked for.
-    if name == "LlavaUHDImageProcessor":
-        from .image_processing import LlavaUHDImageProcessor
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'llava_uhd' has no attribute {name!r}")
+    module, register = _LAZY[name]
+    try:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+    except ModuleNotFoundError as e:
+        if e.name in ("torch", "transformers"):
+            raise ImportError(f"llava_uhd.{name} needs {e.name}: pip install {e.name}") from e
+        raise
+    register()
+    globals()[name] = value
+    return value
 
-        return LlavaUHDImageProcessor
-    if name == "LlavaUHDProcessor":
-        from .processing import LlavaUHDProcessor
 
-        return LlavaUHDProcessor
-    if name in ("LlavaUHDConfig", "LlavaUHDForConditionalGeneration"):
-        raise ImportError(f"llava_uhd.{name} needs torch: pip install torch")
-    raise AttributeError(f"module 'llava_uhd' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

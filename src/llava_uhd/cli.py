@@ -59,7 +59,7 @@ def _slice_report(path: str, plan: SlicePlan, queries: int) -> str:
 
 
 def _cmd_slice(args) -> int:
-    from .image_processing import load_rgb
+    from .image_io import load_rgb
     from .slicing import plan_slices
     from .visualize import draw_plan
 

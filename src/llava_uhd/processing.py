@@ -14,17 +14,17 @@ separators are left out; ``overview_position="before"`` puts the overview first.
 single run of image tokens.
 """
 
-from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin, TextKwargs
+from typing_extensions import Unpack
 
 from .image_processing import LlavaUHDImageProcessor, vision_image_stats
 
-__all__ = ["LlavaUHDProcessor", "image_token_layout", "VICUNA_V1_TEMPLATE", "IGNORE_INDEX"]
+__all__ = ["LlavaUHDProcessor", "LlavaUHDProcessorKwargs", "image_token_layout", "VICUNA_V1_TEMPLATE", "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 
@@ -44,6 +44,22 @@ VICUNA_V1_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
 )
+
+
+# (no `from __future__ import annotations` in this module: transformers reads these TypedDicts' annotations at run time)
+class LlavaUHDImagesKwargs(ImagesKwargs, total=False):
+    max_slices: int | None  # a per-call slice cap
+
+
+class LlavaUHDTextKwargs(TextKwargs, total=False):
+    answers: str | list[str] | None  # training targets: labels cover only these
+
+
+class LlavaUHDProcessorKwargs(ProcessingKwargs, total=False):
+    """The keyword arguments `LlavaUHDProcessor.__call__` understands beside transformers' standard ones."""
+
+    text_kwargs: LlavaUHDTextKwargs
+    images_kwargs: LlavaUHDImagesKwargs
 
 
 def image_token_layout(
@@ -210,24 +226,29 @@ class LlavaUHDProcessor(ProcessorMixin):
                                       self.image_token_id, self.comma_id, self.newline_id, self.spatial_schema,
                                       self.overview_position))
 
-    def __call__(
-        self,
-        images=None,
-        text: str | list[str] | None = None,
-        answers: str | list[str] | None = None,
-        max_slices: int | None = None,
-        padding_side: str | None = None,
-        return_tensors: str | None = "pt",
-        **kwargs,
-    ) -> BatchFeature:
+    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs: Unpack[LlavaUHDProcessorKwargs]
+                 ) -> BatchFeature:
         """Tokenize ``text`` (one prompt or a batch), expanding each ``<image>`` into its image's layout.
 
-        Images are matched to placeholders in reading order across the batch (sample 0's images first). With
-        ``answers`` (one per prompt), each answer and an end-of-sequence token are appended and ``labels`` mark only
-        them.
+        Images (a list, or one list per prompt as ``apply_chat_template`` passes them) are matched to placeholders
+        in reading order across the batch (sample 0's images first). Keyword arguments are merged the way
+        transformers merges processor kwargs (flat, or in ``text_kwargs`` / ``images_kwargs``): ``max_slices``
+        (a per-call slice cap), ``answers`` (one per prompt: each answer and an end-of-sequence token are appended
+        and ``labels`` mark only them), ``padding_side``, ``add_special_tokens``, ``return_tensors`` (default
+        ``"pt"``; None gives numpy). Prompts are padded to the longest, never truncated (a cut would split an
+        image's tokens). ``videos`` and ``audio`` are refused: LLaVA-UHD reads images and text.
         """
-        if kwargs:
-            raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
+        for name, value in (("videos", videos), ("audio", audio)):
+            if value is not None:
+                raise ValueError(f"LLaVA-UHD reads images and text; {name} were given")
+        merged = self._merge_kwargs(LlavaUHDProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs,
+                                    **kwargs)
+        text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
+        if text_kwargs.get("truncation") or text_kwargs.get("max_length") is not None:
+            raise ValueError("LlavaUHDProcessor does not truncate (a cut could split an image's tokens); shorten "
+                             "the prompt instead")
+        return_tensors = text_kwargs.get("return_tensors", "pt")
+        answers = text_kwargs.get("answers")
         if text is None:
             raise ValueError("text is required (put an <image> placeholder where each image goes)")
         texts = [text] if isinstance(text, str) else list(text)
@@ -238,17 +259,19 @@ class LlavaUHDProcessor(ProcessorMixin):
         image_inputs = {}
         layouts: list[list[int]] = []
         if images is not None:
-            image_inputs = self.image_processor(images, max_slices=max_slices, return_tensors=return_tensors)
+            image_inputs = self.image_processor(images, max_slices=images_kwargs.get("max_slices"),
+                                                return_tensors=return_tensors)
             layouts = self.image_layouts(image_inputs)
         n_placeholders = sum(t.count(self.image_token) for t in texts)
         if n_placeholders != len(layouts):
             raise ValueError(f"the text has {n_placeholders} {self.image_token} placeholder(s) but "
                              f"{len(layouts)} image(s) were given")
+        add_special_tokens = text_kwargs.get("add_special_tokens", True)
         sequences, label_seqs = [], []
         next_image = 0
         for k, t in enumerate(texts):
             ids: list[int] = []
-            for token in self.tokenizer(t)["input_ids"]:
+            for token in self.tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"]:
                 if token == self.image_token_id:
                     ids += layouts[next_image]
                     next_image += 1
@@ -262,9 +285,21 @@ class LlavaUHDProcessor(ProcessorMixin):
             sequences.append(ids)
             label_seqs.append(labels)
         data = self._pad(sequences, label_seqs if answers is not None else None,
-                         padding_side or self.tokenizer.padding_side)
+                         text_kwargs.get("padding_side") or self.tokenizer.padding_side)
         data.update({k: v for k, v in image_inputs.items()})
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        """The LLM tokens (image tokens and separators) and ViT patches each image costs, from its
+        ``(height, width)`` alone, before any pixel is processed: what serving engines plan batches with."""
+        if image_sizes is None:
+            return MultiModalData()
+        max_slices = kwargs.get("max_slices")
+        tokens, patches = [], []
+        for height, width in image_sizes:
+            tokens.append(self.num_image_tokens(int(width), int(height), max_slices))
+            patches.append(self.image_processor.plan(int(width), int(height), max_slices).num_patches)
+        return MultiModalData(num_image_tokens=tokens, num_image_patches=patches)
 
     def _pad(self, sequences, label_seqs, side: str) -> dict:
         length = max(len(s) for s in sequences)

@@ -327,7 +327,7 @@ class LazySupervisedDataset(Dataset):
         in ``stats["skipped_bad_image"]``, listed in ``skipped``); without it a `ValueError` lists them all. Returns
         the bad records found (``{"index", "id", "kind", "reason"}``). Call it before building the sampler (it
         changes ``len(self)`` and the lengths)."""
-        from ..image_processing import load_rgb
+        from ..image_io import describe_image, load_rgb
 
         def check(i: int):
             record = self.record(i)
@@ -337,7 +337,7 @@ class LazySupervisedDataset(Dataset):
                 try:
                     load_rgb(image, self.processor.image_processor.max_pixels)
                 except ValueError as e:
-                    return record, f"image {j} ({_describe_image(image)}): {e}"
+                    return record, f"image {j} ({describe_image(image)}): {e}"
             return None
 
         with ThreadPoolExecutor(max(1, num_threads)) as pool:
@@ -458,12 +458,6 @@ class LazySupervisedDataset(Dataset):
                 out_ids.append(token)
                 out_labels.append(label)
         return out_ids, out_labels, blocks
-
-
-def _describe_image(image) -> str:
-    if isinstance(image, Image.Image):
-        return f"PIL {image.mode} {image.size[0]}x{image.size[1]}"
-    return f"'{image}'"
 
 
 def _keep_images(image_inputs, n_keep: int) -> dict | None:

@@ -1,32 +1,30 @@
 """Model components of LLaVA-UHD: the adaptive vision encoder (`vision`, with `pos_embed` and `packed_attention`),
 the compression layer (`resampler`, `spatial_resampler`), the MLP projector baseline (`projector`), and the LMM that
-ties them to a causal LLM (`modeling_llava_uhd`, `configuration_llava_uhd`; backbones loaded by `loading`)."""
+ties them to a causal LLM (`modeling_llava_uhd`, `configuration_llava_uhd`; backbones loaded by `loading`).
 
-from .configuration_llava_uhd import LlavaUHDConfig
-from .modeling_llava_uhd import LlavaUHDForConditionalGeneration, LlavaUHDPreTrainedModel
+Names load from their module on first use (the config needs no torch); registration with transformers' Auto
+classes is `llava_uhd.auto`'s.
+"""
 
-__all__ = ["LlavaUHDConfig", "LlavaUHDForConditionalGeneration", "LlavaUHDPreTrainedModel", "register_auto_classes"]
+from __future__ import annotations
 
+import importlib
 
-def register_auto_classes() -> None:
-    """Make ``AutoConfig``, ``AutoModelForImageTextToText``, ``AutoProcessor`` and ``AutoImageProcessor`` know
-    ``model_type = "llava_uhd"``. Idempotent."""
-    from transformers import (
-        AutoConfig,
-        AutoImageProcessor,
-        AutoModelForCausalLM,
-        AutoModelForImageTextToText,
-        AutoProcessor,
-    )
+_MODULE_OF = {"LlavaUHDConfig": "configuration_llava_uhd",
+              "LlavaUHDForConditionalGeneration": "modeling_llava_uhd",
+              "LlavaUHDPreTrainedModel": "modeling_llava_uhd"}
 
-    from ..image_processing import LlavaUHDImageProcessor
-    from ..processing import LlavaUHDProcessor
-
-    AutoConfig.register("llava_uhd", LlavaUHDConfig, exist_ok=True)
-    AutoModelForImageTextToText.register(LlavaUHDConfig, LlavaUHDForConditionalGeneration, exist_ok=True)
-    AutoModelForCausalLM.register(LlavaUHDConfig, LlavaUHDForConditionalGeneration, exist_ok=True)
-    AutoImageProcessor.register(LlavaUHDConfig, slow_image_processor_class=LlavaUHDImageProcessor, exist_ok=True)
-    AutoProcessor.register(LlavaUHDConfig, LlavaUHDProcessor, exist_ok=True)
+__all__ = sorted(_MODULE_OF)
 
 
-register_auto_classes()
+def __getattr__(name: str):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
