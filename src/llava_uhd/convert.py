@@ -52,8 +52,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 __all__ = [
     "ConversionError",
     "ConversionReport",
@@ -93,7 +91,7 @@ _TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json"
                     "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
 # LlamaConfig settings written by older transformers under other names, accepted as is by LlamaConfig
 _LLAMA_LEGACY_KEYS = ("rope_theta", "rope_scaling", "torch_dtype")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = ("float32", "float16", "bfloat16")  # names of torch dtypes (torch loads when a conversion runs)
 
 
 class ConversionError(ValueError):
@@ -178,6 +176,8 @@ def load_release_state_dict(src: str | os.PathLike, dtype: torch.dtype | None = 
     """All tensors of a release folder by their release names: one safetensors / bin file, or shards with an
     index json (``.bin`` files are read with ``torch.load(weights_only=True)``). Floating tensors are cast to
     ``dtype`` when given. A tensor found in two shards is an error."""
+    import torch
+
     src = Path(src)
     state: dict[str, torch.Tensor] = {}
     for f in _weight_files(src):
@@ -331,6 +331,7 @@ def convert_release(
         ConversionError: not the release layout: unsupported ``mm_projector_type``, missing / unexpected tensors
             (named), shape mismatches, no tokenizer, ...
     """
+    import torch
     from transformers import GenerationConfig
 
     from .modeling import LlavaUHDConfig, LlavaUHDForConditionalGeneration
@@ -339,7 +340,7 @@ def convert_release(
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        dtype = _DTYPES[dtype]
+        dtype = getattr(torch, dtype)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConversionError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
     if out.resolve() == src.resolve():
