@@ -146,9 +146,23 @@ _SUBCOMMANDS = (
      "projector from scratch on synthetic fine-detail data (CPU, about 30 minutes), evaluate on a held-out set, print "
      "a table and write a chart."),
     ("ask", ("serve.ask", "add_ask_arguments", "run_ask"),
-     "answer a question about an image (the nano model by default)",
-     "Answer a question about an image on the CPU: the nano LLaVA-UHD (installed backbones + the shipped resampler "
-     "and LoRA weights) unless --model is given."),
+     "answer a question about one or more images, streamed (the nano model by default)",
+     "Answer a question about one or more images (--image, repeated), streaming the answer: greedy by default, or "
+     "sampled (--temperature, --top-p, --seed) or beam searched (--num-beams). Without --model the built-in nano "
+     "LLaVA-UHD answers (installed backbones + the shipped resampler and LoRA weights); it only knows synthetic "
+     "single-shape pictures (one small shape on a plain background: its colour, its kind, its quarter of the "
+     "image), so pass --model DIR for a real checkpoint."),
+    ("chat", ("serve.chat", "add_chat_arguments", "run_chat"),
+     "chat about images: multi-turn, streamed, with history",
+     "An interactive chat: the --image images go into the first message, each line you type is a turn answered "
+     "with the whole history, streamed. /image PATH adds an image to the next message, /reset clears the history "
+     "(keeps the images), /quit or Ctrl-D ends. Without --model: the built-in nano model (synthetic single-shape "
+     "pictures only)."),
+    ("infer", ("serve.infer", "add_infer_arguments", "run_infer"),
+     "answer a question file in batches (LLaVA's eval JSONL format), resumable",
+     "Answer {question_id, image, text} JSONL lines in batches formed by token count and write LLaVA model_vqa "
+     "answer lines {question_id, prompt, text, answer_id, model_id, metadata}; rerunning resumes. Without --model: "
+     "the built-in nano model (synthetic single-shape pictures only)."),
     ("train-nano", ("nano.cli", "add_train_nano_arguments", "run_train_nano"),
      "train the nano LLaVA-UHD (DINOv2-S/14 + SmolLM2-135M) on synthetic data",
      "Train the nano LLaVA-UHD and the same backbones with image_strategy=pad, evaluate both on held-out synthetic "

