@@ -77,6 +77,12 @@ class LlavaUHDForConditionalGeneration(LlavaUHDPreTrainedModel, GenerationMixin)
             self.projector = MLPProjector(self.vision_tower.hidden_size, text_hidden)
         self.language_model = (language_model if language_model is not None
                                else AutoModelForCausalLM.from_config(config.text_config))
+        # Blocks device_map="auto" keeps on one device: the tower's and the LLM's own (post_init collects only
+        # direct children's, and the tower sits inside AdaptiveVisionEncoder) and the projector, whose forward
+        # uses its own parameters and its submodules' together.
+        self._no_split_modules = sorted({*(getattr(self.vision_tower.vision_model, "_no_split_modules", None) or ()),
+                                         *(getattr(self.language_model, "_no_split_modules", None) or ()),
+                                         type(self.projector).__name__})
         self.post_init()
 
     # ----------------------------------------------------------------------------------------- plumbing
@@ -138,7 +144,9 @@ class LlavaUHDForConditionalGeneration(LlavaUHDPreTrainedModel, GenerationMixin)
 
     @property
     def projector_dtype(self) -> torch.dtype:
-        return next(self.projector.parameters()).dtype
+        """The dtype the projector takes its input in (its input projection's compute dtype, whatever the
+        quantization of that layer)."""
+        return self.projector.compute_dtype
 
     def merge_image_features(self, input_ids, inputs_embeds, image_features: list[torch.Tensor]) -> torch.Tensor:
         """``inputs_embeds`` ``(B, T, hidden)`` with the image-token positions of ``input_ids`` replaced by

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .quantization import compute_dtype
 from .resampler import check_packed_inputs
 
 __all__ = ["MLPProjector"]
@@ -40,6 +41,11 @@ class MLPProjector(nn.Module):
         h, w = (int(v) for v in grid_hw)
         return h * w
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype features are cast to: ``linear_1``'s compute dtype (`quantization.compute_dtype`)."""
+        return compute_dtype(self.linear_1)
+
     def forward(self, features: Tensor, patch_grid_hw: Tensor | None = None) -> Tensor:
         """Project packed features ``(P, vision_dim)`` to ``(P, hidden_size)``.
 
@@ -51,7 +57,7 @@ class MLPProjector(nn.Module):
         elif not isinstance(features, Tensor) or features.dim() != 2 or features.shape[1] != self.vision_dim:
             shape = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
             raise ValueError(f"features must have shape (P, vision_dim={self.vision_dim}), got {shape}")
-        x = features.to(self.linear_1.weight.dtype)
+        x = features.to(self.compute_dtype)
         return self.linear_2(self.act(self.linear_1(x)))
 
     def forward_split(self, features: Tensor, patch_grid_hw: Tensor) -> list[Tensor]:

@@ -45,6 +45,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .offload import onloaded
+from .quantization import compute_dtype
+
 __all__ = ["get_2d_sincos_pos_embed", "CrossAttentionResampler", "PerceiverResampler", "check_packed_inputs",
            "group_crops"]
 
@@ -186,6 +189,13 @@ class CrossAttentionResampler(nn.Module):
         """Output tokens per crop: ``num_queries`` whatever the grid."""
         return self.num_queries
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype features are cast to: ``kv_proj``'s compute dtype (`quantization.compute_dtype`), which for an
+        int8 ``kv_proj`` that takes any float input is the dtype of ``proj``, a bare parameter no quantizer
+        touches."""
+        return compute_dtype(self.kv_proj, default=self.proj.dtype)
+
     def _compress(self, x: Tensor, grids: list[tuple[int, int]]) -> Tensor:
         """``x`` ``(P, hidden)``: the projected, normed features of the crops ``grids`` (at least one), packed
         -> ``(K, num_queries, hidden)``."""
@@ -202,10 +212,12 @@ class CrossAttentionResampler(nn.Module):
             ``(K, num_queries, hidden_size)``.
         """
         grids = check_packed_inputs(features, patch_grid_hw, self.vision_dim)
-        x = self.ln_kv(self.kv_proj(features.to(self.kv_proj.weight.dtype)))  # (P, hidden), once over all rows
+        x = self.ln_kv(self.kv_proj(features.to(self.compute_dtype)))  # (P, hidden), once over all rows
         if not grids:
             return x.new_zeros(0, self.num_queries, self.hidden_size)
-        return self._compress(x, grids)
+        # MultiheadAttention reads out_proj's weight without calling out_proj: load it if accelerate offloaded it
+        with onloaded(self.attn.out_proj):
+            return self._compress(x, grids)
 
     def forward_split(self, features: Tensor, patch_grid_hw: Tensor) -> list[Tensor]:
         """Same as `forward`, as a list of K tensors ``(num_queries, hidden_size)`` (one per crop)."""

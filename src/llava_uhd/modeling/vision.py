@@ -39,6 +39,10 @@ the weight requires grad under autograd, nor for weights made under ``torch.infe
 
 The tower is frozen by default (``trainable=False``; LLaVA-UHD keeps the ViT frozen in both stages): no parameter
 requires grad and it stays in eval mode even when the parent calls ``.train()``. `unfreeze` / `freeze` switch it.
+
+Under accelerate's big-model loading (``device_map=...``) the tower's embeddings may be offloaded: the weights read
+here rather than through a module call (position embedding, CLS and register tokens) are loaded with
+`offload.onloaded`, and inputs go to the tower's execution device (`device`).
 """
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ import warnings
 import torch
 from torch import nn
 
+from .offload import execution_device, onloaded
 from .packed_attention import (
     PACKED_ATTENTION_NAME,
     MissingSegmentsError,
@@ -252,6 +257,12 @@ class AdaptiveVisionEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.patch_conv.weight.dtype
 
+    @property
+    def device(self) -> torch.device:
+        """Where the tower computes (its patch conv's execution device: not ``meta`` when accelerate offloaded
+        it, see `offload`)."""
+        return execution_device(self.patch_conv)
+
     # ----------------------------------------------------------------------------------------- position embedding
 
     def _pos_weight(self) -> torch.Tensor:
@@ -316,9 +327,8 @@ class AdaptiveVisionEncoder(nn.Module):
         (probed once; else a warning and ``"bucket"``), no drop-path in training and no gradient checkpointing
         (its recomputation in the backward pass would run after the attention switch is undone); ``"auto"`` also
         needs a CUDA device."""
-        weight = self.patch_conv.weight
-        device = weight.device if device is None else torch.device(device)
-        dtype = weight.dtype if dtype is None else dtype
+        device = self.device if device is None else torch.device(device)
+        dtype = self.dtype if dtype is None else dtype
         if self.packing == "bucket" or self._num_layers_to_run == 0:
             return "bucket"
         if self.packing == "auto" and device.type != "cuda":
@@ -350,11 +360,11 @@ class AdaptiveVisionEncoder(nn.Module):
     def probe_varlen(self) -> bool:
         """Whether the segments reach the attention function: runs each kind of layer to run once on two one-token
         segments under the packed attention (no grad, RNG state restored). `resolve_packing` probes once."""
-        weight = self.patch_conv.weight
-        hidden = torch.zeros(1, 2, self.hidden_size, device=weight.device, dtype=weight.dtype)
-        cu_seqlens = torch.tensor([0, 1, 2], device=weight.device, dtype=torch.int32)
+        device = self.device
+        hidden = torch.zeros(1, 2, self.hidden_size, device=device, dtype=self.dtype)
+        cu_seqlens = torch.tensor([0, 1, 2], device=device, dtype=torch.int32)
         kinds = {type(layer): layer for layer in self.layers[: self._num_layers_to_run]}
-        cuda = [weight.device.index or 0] if weight.device.type == "cuda" else []
+        cuda = [device.index or 0] if device.type == "cuda" else []
         try:
             with torch.no_grad(), torch.random.fork_rng(devices=cuda), self._packed_attention():
                 for layer in kinds.values():
@@ -401,8 +411,7 @@ class AdaptiveVisionEncoder(nn.Module):
         """
         patch_grid_hw = torch.as_tensor(patch_grid_hw)
         grids = self._check_inputs(pixel_values, patch_grid_hw)
-        weight = self.patch_conv.weight
-        device, dtype = weight.device, weight.dtype
+        device, dtype = self.device, self.dtype
         if not grids:
             return pixel_values.new_zeros((0, self.hidden_size), dtype=dtype, device=device)
 
@@ -434,8 +443,13 @@ class AdaptiveVisionEncoder(nn.Module):
             plus position embeddings, the tower's embedding dropout / pre-layernorm) for the ``B`` crops of that
             length, whatever their grids; ``rows`` ``(B * n,)`` are the input rows of its patch tokens, in order.
         """
-        weight = self.patch_conv.weight
-        device, dtype = weight.device, weight.dtype
+        # the position embedding and the CLS / register tokens are read, not called: load them if offloaded
+        with onloaded(self.vision_model.embeddings):
+            return self._embed_crops(pixel_values, grids)
+
+    def _embed_crops(self, pixel_values: torch.Tensor, grids: list[tuple[int, int]]
+                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        device, dtype = self.device, self.dtype
         x = pixel_values.to(device=device, dtype=dtype)
         p, c = self.patch_size, self.in_channels
         by_grid: dict[tuple[int, int], list[int]] = {}

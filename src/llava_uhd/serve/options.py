@@ -29,7 +29,7 @@ class CommandError(Exception):
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--cache``, ``--device``, ``--dtype``, ``--threads``, ``--max-slices``."""
+    """``--model``, ``--cache``, ``--device``, ``--dtype``, ``--quantize``, ``--threads``, ``--max-slices``."""
     parser.add_argument("--model", default=None,
                         help="a saved LLaVA-UHD folder (save_pretrained) or a nano weights folder (default: the "
                              f"built-in nano model). Note: {NANO_NOTE}; pass --model for a real checkpoint")
@@ -38,6 +38,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps, ...")
     parser.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
                         help="the model's weights and compute type (default float32)")
+    parser.add_argument("--quantize", default="none", choices=("none", "int8"),
+                        help="int8: the LLM's and the projector's linear layers in int8 (torchao; CPU inference: "
+                             "less memory, see the README for speed)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--max-slices", type=int, default=None, help="slice cap per image (default: the model's)")
 
@@ -105,7 +108,7 @@ def load_from_args(args, prog: str, log: Callable[[str], None] | None = None):
 
     _check_device(args.device)
     try:
-        loaded = load_model(args.model, args.cache, args.device, log=log, dtype=args.dtype)
+        loaded = load_model(args.model, args.cache, args.device, log=log, dtype=args.dtype, quantize=args.quantize)
     except NanoWeightsMissing:
         raise CommandError(
             f"the nano model's weights are not installed ({WEIGHTS_DIR} has no nano_config.json). Pass --model DIR "
