@@ -11,6 +11,7 @@ Light to import (argparse only): torch and transformers load when a command runs
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 
@@ -124,8 +125,16 @@ def load_from_args(args, prog: str, log: Callable[[str], None] | None = None):
     return loaded
 
 
+# optional kernels that torchao / bitsandbytes / torch announce they could not load when they are imported (through
+# peft or transformers): warnings about code paths these commands do not take, which would bury the answer
+_IMPORT_NOISE = ("torchao", "bitsandbytes.backends.cpu.ops", "torch.utils._pytree")
+
+
 def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run ``command(args)``; a `CommandError` becomes ``prog: message`` on stderr and status 2, Ctrl-C status 130."""
+    """Run ``command(args)``; a `CommandError` becomes ``prog: message`` on stderr and status 2, Ctrl-C status 130.
+    Import-time warnings about unused optional kernels (`_IMPORT_NOISE`) are not printed."""
+    for name in _IMPORT_NOISE:
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         return command(args)
     except CommandError as e:
