@@ -271,3 +271,33 @@ def test_forward_backward_and_generate_under_cuda_like_autocast():
     with torch.no_grad(), cuda_like_autocast():
         generated = model.generate(**prompt, max_new_tokens=3, do_sample=False)
     assert generated.shape[0] == 1 and generated.shape[1] >= prompt["input_ids"].shape[1] + 1
+
+
+@pytest.mark.parametrize("projector", ["resampler", "mlp"])
+def test_beam_search_over_packed_images(projector):
+    """``generate(num_beams=...)`` repeats the inputs per beam: the packed image fields are repeated per image (two
+    prompts of one and two images here), so beams over pixels equal beams over the merged input embeddings."""
+    model, processor = build_tiny("clip", projector=projector)
+    with torch.no_grad():  # a louder projector: the answer depends on the images
+        for p in model.projector.parameters():
+            p.mul_(30)
+    tok = processor.tokenizer
+    images = [random_image(90, 40, 1), random_image(30, 70, 2), random_image(60, 60, 3)]
+    inputs = processor(images=images, text=["<image>\nWhat?", "<image><image>\nWhich?"], padding_side="left")
+    kw = dict(max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=tok.pad_token_id,
+              eos_token_id=tok.eos_token_id, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        got = model.generate(**inputs, **kw)
+        ids = inputs["input_ids"]
+        embeds = model.get_input_embeddings()(ids.masked_fill(ids == processor.image_token_id, 0))
+        features = model.get_image_features(inputs["pixel_values"], inputs["patch_grid_hw"],
+                                            inputs["crop_image_ids"], inputs["crop_is_overview"])
+        embeds = model.merge_image_features(ids, embeds, features)
+        want = model.generate(input_ids=ids, inputs_embeds=embeds, attention_mask=inputs["attention_mask"], **kw)
+        assert torch.equal(got.sequences, want.sequences)
+        for a, b in zip(got.scores, want.scores):  # every beam's scores: each beam saw its own sample's images
+            finite = torch.isfinite(b)
+            assert torch.equal(torch.isfinite(a), finite) and torch.allclose(a[finite], b[finite], atol=1e-4)
+        two = model.generate(**inputs, max_new_tokens=3, do_sample=True, num_return_sequences=2,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    assert two.shape[0] == 4

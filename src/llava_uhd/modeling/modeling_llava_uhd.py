@@ -22,6 +22,10 @@ from .resampler import PerceiverResampler
 from .spatial_resampler import SpatialResampler
 from .vision import AdaptiveVisionEncoder
 
+# the image processor's packed fields: one row per patch, crop or image, not per sample
+_PACKED_IMAGE_FIELDS = ("pixel_values", "patch_grid_hw", "crop_image_ids", "crop_is_overview", "image_layout",
+                        "image_sizes")
+
 __all__ = ["LlavaUHDForConditionalGeneration", "LlavaUHDPreTrainedModel"]
 
 
@@ -162,6 +166,20 @@ class LlavaUHDForConditionalGeneration(LlavaUHDPreTrainedModel, GenerationMixin)
         flat = torch.cat(image_features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1).expand_as(inputs_embeds), flat)
 
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
+                                      input_ids: torch.LongTensor | None = None, **model_kwargs):
+        """transformers repeats every input along its first axis for beam search / ``num_return_sequences``; the
+        packed image fields have no batch axis, so they are repeated per image instead (`_expand_packed_images`)."""
+        packed = {k: model_kwargs.pop(k) for k in _PACKED_IMAGE_FIELDS if model_kwargs.get(k) is not None}
+        expanded_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder,
+                                                                           input_ids, **model_kwargs)
+        if packed and expand_size > 1:
+            if input_ids is None:
+                raise ValueError("beam search / num_return_sequences over images needs input_ids")
+            packed = _expand_packed_images(packed, input_ids, expand_size, self.config.image_token_id,
+                                           self.projector.tokens_per_crop)
+        return expanded_ids, {**model_kwargs, **packed}
+
     # ----------------------------------------------------------------------------------------- forward
     def forward(
         self,
@@ -267,6 +285,46 @@ class LlavaUHDForConditionalGeneration(LlavaUHDPreTrainedModel, GenerationMixin)
         if dtype is not None:
             model.projector.to(dtype=vision_model.dtype if isinstance(dtype, str) else dtype)
         return model
+
+
+def _expand_packed_images(packed: dict, input_ids: torch.Tensor, expand_size: int, image_token_id: int,
+                         tokens_per_crop) -> dict:
+    """The packed image fields of a batch for ``input_ids.repeat_interleave(expand_size, 0)``: every row's images
+    repeated ``expand_size`` times, in the new rows' order (what beam search and ``num_return_sequences`` need;
+    repeating the packed tensors along their first axis would mix up crops and patches). Which images a row owns
+    follows from its count of image tokens, the images taken in reading order; ``tokens_per_crop(grid_hw)``."""
+    grids, owners = packed["patch_grid_hw"], packed["crop_image_ids"]
+    n_images = int(owners.max()) + 1 if owners.numel() else 0
+    crops_of = [[] for _ in range(n_images)]
+    for k, image in enumerate(owners.tolist()):
+        crops_of[image].append(k)
+    tokens_of = [sum(tokens_per_crop(grids[k]) for k in crops) for crops in crops_of]
+    per_row = (input_ids == image_token_id).sum(-1).tolist()
+    images_of_row, next_image = [], 0
+    for count in per_row:
+        mine = []
+        while count > 0:
+            mine.append(next_image)
+            count -= tokens_of[next_image]
+            next_image += 1
+        images_of_row.append(mine)
+    order = [image for mine in images_of_row for _ in range(expand_size) for image in mine]
+    patch_start = torch.cumsum(grids[:, 0] * grids[:, 1], 0) - grids[:, 0] * grids[:, 1]
+    crops = [k for image in order for k in crops_of[image]]
+    patches = torch.cat([torch.arange(int(patch_start[k]), int(patch_start[k] + grids[k, 0] * grids[k, 1]))
+                         for k in crops]) if crops else torch.zeros(0, dtype=torch.long)
+    out = dict(packed)
+    out["pixel_values"] = packed["pixel_values"][patches.to(packed["pixel_values"].device)]
+    out["patch_grid_hw"] = grids[crops]
+    out["crop_image_ids"] = torch.tensor([j for j, image in enumerate(order) for _ in crops_of[image]],
+                                         dtype=owners.dtype, device=owners.device)
+    for key in ("crop_is_overview",):
+        if key in packed:
+            out[key] = packed[key][crops]
+    for key in ("image_layout", "image_sizes"):
+        if key in packed:
+            out[key] = packed[key][order]
+    return out
 
 
 def _overview_first_order(crop_image_ids: torch.Tensor, crop_is_overview: torch.Tensor) -> list[int]:

@@ -7,10 +7,8 @@
 
 Prompts (rendered chat templates with one ``<image>`` per image, see `LlavaUHDProcessor`) are left padded into one
 batch and decoded together; batched greedy decoding gives what each prompt gives alone. ``on_text`` receives the
-answer as it is generated (TextStreamer) when one prompt is decoded without beams, otherwise once at the end; the
-pieces join to the stripped answer. Beam search works: ``generate`` repeats every input tensor once per beam along
-its first axis, which the packed image tensors do not allow, so with beams the image features are merged into the
-input embeddings first and those are repeated.
+answer as it is generated (TextStreamer) when one prompt is decoded without beams (transformers streams no beam
+search), otherwise once at the end; the pieces join to the stripped answer.
 """
 
 from __future__ import annotations
@@ -136,10 +134,7 @@ def generate(model, processor, prompts: Sequence[str], images: Sequence[Sequence
     if settings.seed is not None:
         set_seed(settings.seed)
     with torch.inference_mode():
-        if settings.num_beams > 1:
-            out = model.generate(**_embedded_inputs(model, inputs), generation_config=config)
-        else:
-            out = model.generate(**inputs, generation_config=config, streamer=streamer)
+        out = model.generate(**inputs, generation_config=config, streamer=streamer)
     t2 = time.perf_counter()
     new = out[:, inputs["input_ids"].shape[1]:].tolist()
     results = []
@@ -158,19 +153,6 @@ def _until_eos(ids: list[int], eos) -> list[int]:
         if token in eos_ids:
             return ids[:k + 1]
     return ids
-
-
-def _embedded_inputs(model, inputs) -> dict:
-    """``input_ids`` with the matching ``inputs_embeds`` (image features merged in) and the attention mask: what
-    beam search can repeat per beam, unlike the packed image tensors."""
-    ids = inputs["input_ids"]
-    image_mask = ids == model.config.image_token_id
-    embeds = model.get_input_embeddings()(ids.masked_fill(image_mask, 0))
-    if inputs.get("pixel_values") is not None:
-        features = model.get_image_features(inputs["pixel_values"], inputs["patch_grid_hw"],
-                                            inputs.get("crop_image_ids"), inputs.get("crop_is_overview"))
-        embeds = model.merge_image_features(ids, embeds, features)
-    return {"input_ids": ids, "inputs_embeds": embeds, "attention_mask": inputs["attention_mask"]}
 
 
 class _CallbackStreamer(TextStreamer):
