@@ -9,9 +9,8 @@ Auto classes then; after ``import llava_uhd``, transformers' own Auto classes an
 (`llava_uhd.auto`).
 """
 
-import importlib
-
 from .auto import install_import_hook, register_config_and_processors, register_models
+from .lazy import lazy_attributes
 from .slicing import Slice, SliceConfig, SlicePlan, plan_slices
 
 __version__ = "0.1.0"
@@ -29,20 +28,5 @@ __all__ = ["Slice", "SliceConfig", "SlicePlan", "plan_slices", *_LAZY]
 install_import_hook()
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'llava_uhd' has no attribute {name!r}")
-    module, register = _LAZY[name]
-    try:
-        value = getattr(importlib.import_module(f".{module}", __name__), name)
-    except ModuleNotFoundError as e:
-        if e.name in ("torch", "transformers"):
-            raise ImportError(f"llava_uhd.{name} needs {e.name}: pip install {e.name}") from e
-        raise
-    register()
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, {name: module for name, (module, _) in _LAZY.items()}, globals(),
+                                       on_load=lambda name: _LAZY[name][1]())

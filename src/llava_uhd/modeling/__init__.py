@@ -9,7 +9,7 @@ classes is `llava_uhd.auto`'s.
 
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_attributes
 
 _MODULE_OF = {"LlavaUHDConfig": "configuration_llava_uhd",
               "LlavaUHDForConditionalGeneration": "modeling_llava_uhd",
@@ -18,14 +18,4 @@ _MODULE_OF = {"LlavaUHDConfig": "configuration_llava_uhd",
 __all__ = sorted(_MODULE_OF)
 
 
-def __getattr__(name: str):
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _MODULE_OF, globals())

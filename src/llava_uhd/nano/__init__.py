@@ -15,7 +15,7 @@ neither torch nor the training code: ``llava-uhd ask`` loads `checkpoint` alone.
 
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_attributes
 
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "settings": ("NanoSettings", "VARIANTS", "VISION_ROUNDING", "model_settings"),
@@ -36,14 +36,4 @@ _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in nam
 __all__ = sorted(_MODULE_OF)
 
 
-def __getattr__(name: str):
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value  # once imported, a plain attribute
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _MODULE_OF, globals())
