@@ -51,6 +51,10 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: torch loads when a conversion runs
+    import torch
 
 __all__ = [
     "ConversionError",

@@ -40,7 +40,6 @@ grids. No crop ever attends to another crop's features.
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor, nn

@@ -19,8 +19,8 @@ import sys
 import time
 
 from .loading import load_model
-from .options import (NANO_NOTE, CommandError, add_generation_arguments, add_model_arguments, generation_settings,
-                      load_from_args, prepare_runtime, run_command)
+from .options import (CommandError, add_generation_arguments, add_model_arguments, generation_settings,
+                      load_from_args, prepare_runtime, run_command, command_main)
 
 __all__ = ["add_ask_arguments", "run_ask", "load_model", "answer", "question_prompt", "load_images", "main"]
 
@@ -145,9 +145,7 @@ def run_ask(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
-                                     epilog=f"Note: {NANO_NOTE}; pass --model DIR for a real checkpoint.")
-    return run_ask(add_ask_arguments(parser).parse_args(argv))
+    return command_main(PROG, __doc__, add_ask_arguments, run_ask, argv)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from .options import (NANO_NOTE, CommandError, add_generation_arguments, add_model_arguments, generation_settings,
-                      load_from_args, prepare_runtime, run_command)
+from .options import (CommandError, add_generation_arguments, add_model_arguments, generation_settings,
+                      load_from_args, prepare_runtime, run_command, command_main)
 
 __all__ = ["Conversation", "chat_session", "add_chat_arguments", "run_chat", "main", "USER_PROMPT",
            "ANSWER_PROMPT"]
@@ -209,9 +209,7 @@ def run_chat(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
-                                     epilog=f"Note: {NANO_NOTE}; pass --model DIR for a real checkpoint.")
-    return run_chat(add_chat_arguments(parser).parse_args(argv))
+    return command_main(PROG, __doc__, add_chat_arguments, run_chat, argv)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .options import (NANO_NOTE, CommandError, add_generation_arguments, add_model_arguments, generation_settings,
-                      load_from_args, prepare_runtime, run_command)
+from .options import (CommandError, add_generation_arguments, add_model_arguments, generation_settings,
+                      load_from_args, prepare_runtime, run_command, command_main)
 
 __all__ = ["add_infer_arguments", "run_infer", "plan_batches", "prompt_tokens", "image_size", "main"]
 
@@ -251,9 +251,7 @@ def run_infer(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
-                                     epilog=f"Note: {NANO_NOTE}; pass --model DIR for a real checkpoint.")
-    return run_infer(add_infer_arguments(parser).parse_args(argv))
+    return command_main(PROG, __doc__, add_infer_arguments, run_infer, argv)
 
 
 if __name__ == "__main__":

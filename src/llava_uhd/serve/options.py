@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 
 __all__ = ["CommandError", "add_model_arguments", "add_generation_arguments", "generation_settings",
-           "load_from_args", "prepare_runtime", "run_command", "DTYPE_CHOICES", "NANO_NOTE"]
+           "load_from_args", "prepare_runtime", "run_command", "command_main", "DTYPE_CHOICES", "NANO_NOTE"]
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
@@ -128,6 +128,16 @@ def load_from_args(args, prog: str, log: Callable[[str], None] | None = None):
 # optional kernels that torchao / bitsandbytes / torch announce they could not load when they are imported (through
 # peft or transformers): warnings about code paths these commands do not take, which would bury the answer
 _IMPORT_NOISE = ("torchao", "bitsandbytes.backends.cpu.ops", "torch.utils._pytree")
+
+
+def command_main(prog: str, doc: str, add_arguments: Callable[[argparse.ArgumentParser], object],
+                 run: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:
+    """A serving command as its own program (``python -m llava_uhd.serve.ask ...``): its parser (description from
+    the module's docstring, the nano model's note as epilog) and ``run`` on the parsed ``argv``."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0],
+                                     epilog=f"Note: {NANO_NOTE}; pass --model DIR for a real checkpoint.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
