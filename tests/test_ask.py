@@ -282,3 +282,18 @@ def test_serving_modules_import_no_training_or_evaluation_code():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split("\n")[-2] == "[]"
+
+
+def test_an_empty_question_is_refused_before_loading_anything(tmp_path, capsys):
+    from llava_uhd.serve.ask import main, question_prompt
+
+    image = tmp_path / "img.png"
+    generate_sample(3, ["corner_colour"], 64, 128, 2.0).image.save(image)
+    assert main(["--image", str(image), "--model", str(tmp_path / "nowhere"), "   "]) == 2
+    assert capsys.readouterr().err.strip() == "llava-uhd ask: the question is empty"
+
+    class Processor:
+        image_token = "<image>"
+
+    with pytest.raises(ValueError, match="the question is empty"):
+        question_prompt(Processor(), "<image>\n ")

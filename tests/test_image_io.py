@@ -51,3 +51,24 @@ def test_http_urls_go_through_transformers_loader(monkeypatch):
 def test_a_path_that_is_not_a_file_is_named():
     with pytest.raises(ValueError, match="no such image file: 'nowhere/x.png'"):
         load_rgb("nowhere/x.png")
+
+
+def test_each_kind_of_bad_string_gets_its_own_message(tmp_path):
+    with pytest.raises(ValueError, match="is a directory, not an image file"):
+        load_rgb(str(tmp_path))
+    with pytest.raises(ValueError, match="no such image file"):
+        load_rgb(str(tmp_path / "missing.png"))
+    with pytest.raises(ValueError, match=r"unsupported URL scheme 'ftp:'"):
+        load_rgb("ftp://example.org/a.png")
+
+
+def test_an_animated_image_gives_its_first_frame_and_says_so(tmp_path):
+    frames = [random_image(20, 10, k) for k in range(3)]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    with pytest.warns(UserWarning, match=r"is animated \(3 frames\): its first frame is used"):
+        first = load_rgb(str(path))
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert np.array_equal(np.asarray(first), np.asarray(im.convert("RGB")))

@@ -202,3 +202,8 @@ def test_normalization_settings(processor):
     assert np.allclose(raw.reshape(-1, 3, 196)[:, 0], 255) and np.allclose(raw.reshape(-1, 3, 196)[:, 1], 0)
     out = processor(image)["pixel_values"].reshape(-1, 3, 196)
     assert np.allclose(out[:, 0], (1.0 - OPENAI_CLIP_MEAN[0]) / OPENAI_CLIP_STD[0], atol=1e-5)
+
+
+def test_a_zero_std_is_refused():
+    with pytest.raises(ValueError, match="image_std must not hold a 0"):
+        LlavaUHDImageProcessor(image_std=(0.2, 0.0, 0.2))

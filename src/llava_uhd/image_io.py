@@ -15,6 +15,7 @@ import base64
 import binascii
 import io
 import os
+import re
 import threading
 import warnings
 from pathlib import Path
@@ -139,17 +140,21 @@ def _array_to_working(arr: np.ndarray) -> Image.Image | np.ndarray:
 def load_rgb(image: Any, max_pixels: int | None = SliceConfig().max_pixels) -> Image.Image | np.ndarray:
     """Any supported image input to RGB, EXIF orientation applied.
 
-    Accepts a path, encoded bytes, a ``data:`` or ``http(s)://`` URL, a PIL image of any mode (L, LA, P, RGBA, CMYK, I;16, 1, ...), a numpy array or a
-    torch tensor. Returns a PIL RGB image for 8-bit sources, else a float32 ``(H, W, 3)`` array in [0, 1].
-    Raises `ValueError` naming the problem for anything unreadable.
+    Accepts a path, encoded bytes, a ``data:`` or ``http(s)://`` URL, a PIL image of any mode (L, LA, P, RGBA,
+    CMYK, I;16, 1, ...), a numpy array or a torch tensor. Returns a PIL RGB image for 8-bit sources, else a float32
+    ``(H, W, 3)`` array in [0, 1]. Raises `ValueError` naming the problem for anything unreadable (a missing path,
+    a directory, another URL scheme, ...); an animated image gives its first frame, with a warning that says so.
     """
     if isinstance(image, str) and image.startswith("data:"):
         image = _decode_data_url(image)
     elif isinstance(image, str) and image.startswith(("http://", "https://")):
         image = _fetch(image)
+    elif isinstance(image, str) and _URL_SCHEME.match(image):
+        raise ValueError(f"unsupported URL scheme '{image.split(':', 1)[0]}:' (http, https and data URLs are "
+                         "read; download other URLs first)")
+    if isinstance(image, (str, os.PathLike)):
+        _check_file(Path(image))
     if isinstance(image, (str, os.PathLike, bytes, bytearray)):
-        if isinstance(image, (str, os.PathLike)) and not Path(image).is_file():
-            raise ValueError(f"no such image file: '{os.fspath(image)}'")
         try:
             image = _open(image, max_pixels)
         except UnidentifiedImageError as e:
@@ -158,6 +163,10 @@ def load_rgb(image: Any, max_pixels: int | None = SliceConfig().max_pixels) -> I
             raise ValueError(f"cannot be read: {e}") from e
     if isinstance(image, Image.Image):
         _check_pixels(image.size, max_pixels)
+        frames = getattr(image, "n_frames", 1)
+        if getattr(image, "is_animated", False) and frames > 1:
+            warnings.warn(f"{describe_image(image)} is animated ({frames} frames): its first frame is used",
+                          stacklevel=2)
         try:
             return _pil_to_working(image)
         except (OSError, SyntaxError) as e:  # PIL reports truncated / corrupt data as OSError (or SyntaxError)
@@ -172,6 +181,19 @@ def load_rgb(image: Any, max_pixels: int | None = SliceConfig().max_pixels) -> I
         return working
     raise ValueError(f"unsupported image type {type(image).__name__}: expected a path, bytes, a PIL image, "
                      "a numpy array or a torch tensor")
+
+
+_URL_SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def _check_file(path: Path) -> None:
+    """A readable image file is there: a missing path, a directory and an unreadable file each say so."""
+    if path.is_dir():
+        raise ValueError(f"'{path}' is a directory, not an image file")
+    if not path.exists():
+        raise ValueError(f"no such image file: '{path}'")
+    if not os.access(path, os.R_OK):
+        raise ValueError(f"'{path}' cannot be read (permission denied)")
 
 
 def _decode_data_url(url: str) -> bytes:

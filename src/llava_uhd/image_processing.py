@@ -117,6 +117,8 @@ class LlavaUHDImageProcessor(BaseImageProcessor):
         self.do_normalize = do_normalize
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
+        if any(float(v) == 0 for v in self.image_std):
+            raise ValueError(f"image_std must not hold a 0 (normalizing divides by it), got {self.image_std}")
         if image_strategy not in ("uhd", "pad", "fixed_grid"):
             raise ValueError(f"image_strategy must be 'uhd', 'pad' or 'fixed_grid', got {image_strategy!r}")
         self.image_strategy = image_strategy

@@ -31,7 +31,9 @@ PROG = "llava-uhd ask"
 def question_prompt(processor, question: str, num_images: int = 1) -> str:
     """The generation prompt for one user turn: ``num_images`` ``<image>`` placeholders, then ``question``,
     rendered with the processor's chat template. A question that already holds exactly ``num_images``
-    placeholders is used as it is (they stay where it puts them)."""
+    placeholders is used as it is (they stay where it puts them). An empty question is a ValueError."""
+    if not question.replace(processor.image_token, "").strip():
+        raise ValueError("the question is empty")
     placeholder = processor.image_token
     if placeholder in question:
         if question.count(placeholder) != num_images:
@@ -103,6 +105,8 @@ def add_ask_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 
 def _ask(args) -> int:
     settings = generation_settings(args)
+    if not args.question.strip():
+        raise CommandError("the question is empty")
     try:
         images = load_images(args.image)  # before the model: a bad path fails in a moment
     except ValueError as e:
