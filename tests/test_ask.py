@@ -143,11 +143,12 @@ def test_answer_takes_several_images_in_order(tiny_dir):
     from PIL import Image
     from serve_helpers import picture
 
-    from llava_uhd.serve.ask import answer, load_model, question_prompt
+    from llava_uhd.serve.ask import answer, load_model
 
     model, processor, info = load_model(tiny_dir)
     assert info["kind"] == "saved" and info["name"] == tiny_dir.name and not info["builtin"]
-    assert question_prompt(processor, "Why?") == processor.question_prompt("Why?")
+    two = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Why?"}]}]
+    assert processor.question_prompt("Why?", 2) == processor.apply_chat_template(two, add_generation_prompt=True)
     images = [Image.open(tiny_dir / "img0.png").convert("RGB"), Image.open(tiny_dir / "img1.png").convert("RGB")]
     text, stats = answer(model, processor, [str(tiny_dir / "img0.png"), str(tiny_dir / "img1.png")], "What colour?", 6)
     assert text == _reference_answer(model, processor, images, "What colour?", 6)
@@ -156,13 +157,13 @@ def test_answer_takes_several_images_in_order(tiny_dir):
         model, processor, other, "What colour?", 6) != text  # the second image counts
     assert [im["size"] for im in stats["images"]] == [(90, 50), (40, 120)] and stats["size"] == (90, 50)
     layout = sum(processor.num_image_tokens(w, h) for w, h in [(90, 50), (40, 120)])  # separators included
-    text_tokens = len(processor.tokenizer(question_prompt(processor, "What colour?", 2))["input_ids"]) - 2
+    text_tokens = len(processor.tokenizer(processor.question_prompt("What colour?", 2))["input_ids"]) - 2
     assert stats["prompt_tokens"] == text_tokens + layout and 0 < stats["visual_tokens"] < layout
     # a question that places its own placeholders is used as it is
     own = f"Compare {processor.image_token} and {processor.image_token}."
-    assert question_prompt(processor, own, 2).count(processor.image_token) == 2
+    assert processor.question_prompt(own, 2).count(processor.image_token) == 2
     with pytest.raises(ValueError, match="1 <image> placeholder"):
-        question_prompt(processor, f"{processor.image_token} and?", 2)
+        processor.question_prompt(f"{processor.image_token} and?", 2)
 
 
 def test_ask_streams_the_answer(tiny_dir, capsys, monkeypatch):
@@ -284,16 +285,16 @@ def test_serving_modules_import_no_training_or_evaluation_code():
     assert done.stdout.split("\n")[-2] == "[]"
 
 
-def test_an_empty_question_is_refused_before_loading_anything(tmp_path, capsys):
-    from llava_uhd.serve.ask import main, question_prompt
+def test_an_empty_question_is_refused_before_loading_anything(tmp_path, capsys, tiny_tokenizer):
+    from llava_uhd.image_processing import LlavaUHDImageProcessor
+    from llava_uhd.processing import LlavaUHDProcessor
+    from llava_uhd.serve.ask import main
 
     image = tmp_path / "img.png"
     generate_sample(3, ["corner_colour"], 64, 128, 2.0).image.save(image)
     assert main(["--image", str(image), "--model", str(tmp_path / "nowhere"), "   "]) == 2
     assert capsys.readouterr().err.strip() == "llava-uhd ask: the question is empty"
 
-    class Processor:
-        image_token = "<image>"
-
+    processor = LlavaUHDProcessor(LlavaUHDImageProcessor(), tiny_tokenizer)
     with pytest.raises(ValueError, match="the question is empty"):
-        question_prompt(Processor(), "<image>\n ")
+        processor.question_prompt("<image>\n ")

@@ -11,7 +11,7 @@ import pytest
 from serve_helpers import picture, save_tiny
 
 from llava_uhd.cli import main
-from llava_uhd.serve.ask import answer, question_prompt
+from llava_uhd.serve.ask import answer
 from llava_uhd.serve.generation import GenerationSettings
 from llava_uhd.serve.infer import image_size, plan_batches, prompt_tokens
 from llava_uhd.serve.questions import chunk, read_answers, read_questions
@@ -45,7 +45,7 @@ def bench(tmp_path_factory):
     want = {q["question_id"]: answer(model, processor, images[q["question_id"]], q["text"],
                                      settings=GenerationSettings(max_new_tokens=NEW))[0] for q in questions}
     lengths = {q["question_id"]: processor(images=images[q["question_id"]] or None,
-                                           text=[question_prompt(processor, q["text"], len(images[q["question_id"]]))]
+                                           text=[processor.question_prompt(q["text"], len(images[q["question_id"]]))]
                                            )["input_ids"].shape[1] for q in questions}
     return root, model, processor, questions, want, lengths
 
@@ -92,7 +92,7 @@ def test_batches_and_prompt_lengths(bench, tmp_path):
     parsed = read_questions(root / "questions.jsonl", root / "images")
     for q in parsed:
         sizes = [image_size(p) for p in q.images]
-        assert prompt_tokens(processor, question_prompt(processor, q.text, len(sizes)), sizes) == lengths[q.question_id]
+        assert prompt_tokens(processor, processor.question_prompt(q.text, len(sizes)), sizes) == lengths[q.question_id]
     # the header's size follows the EXIF orientation, as the pixels do
     rotated = picture(90, 50)
     exif = rotated.getexif()

@@ -213,10 +213,22 @@ class LlavaUHDProcessor(ProcessorMixin):
                                               self.newline_id, self.spatial_schema, self.overview_position))
         return layouts
 
-    def question_prompt(self, question: str) -> str:
-        """The generation prompt for one image and ``question``: a user turn holding the image and the question,
-        rendered with the processor's chat template (``add_generation_prompt=True``)."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    def question_prompt(self, question: str, num_images: int = 1) -> str:
+        """The generation prompt for one user turn: ``num_images`` image placeholders, then ``question``, rendered
+        with the processor's chat template (``add_generation_prompt=True``). A question that already holds exactly
+        ``num_images`` placeholders is used as it is (they stay where it puts them). ValueError for an empty
+        question or a placeholder count that does not match."""
+        placeholder = self.image_token
+        if not question.replace(placeholder, "").strip():
+            raise ValueError("the question is empty")
+        if placeholder in question:
+            if question.count(placeholder) != num_images:
+                raise ValueError(f"the question holds {question.count(placeholder)} {placeholder} placeholder(s) "
+                                 f"for {num_images} image(s)")
+            messages = [{"role": "user", "content": question}]
+        else:
+            content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
+            messages = [{"role": "user", "content": content}]
         return self.apply_chat_template(messages, add_generation_prompt=True)
 
     def num_image_tokens(self, width: int, height: int, max_slices: int | None = None) -> int:

@@ -22,28 +22,10 @@ from .loading import load_model
 from .options import (CommandError, add_generation_arguments, add_model_arguments, generation_settings,
                       load_from_args, prepare_runtime, run_command, command_main)
 
-__all__ = ["add_ask_arguments", "run_ask", "load_model", "answer", "question_prompt", "load_images", "main"]
+__all__ = ["add_ask_arguments", "run_ask", "load_model", "answer", "load_images", "main"]
 
 DEFAULT_MAX_NEW_TOKENS = 16
 PROG = "llava-uhd ask"
-
-
-def question_prompt(processor, question: str, num_images: int = 1) -> str:
-    """The generation prompt for one user turn: ``num_images`` ``<image>`` placeholders, then ``question``,
-    rendered with the processor's chat template. A question that already holds exactly ``num_images``
-    placeholders is used as it is (they stay where it puts them). An empty question is a ValueError."""
-    if not question.replace(processor.image_token, "").strip():
-        raise ValueError("the question is empty")
-    placeholder = processor.image_token
-    if placeholder in question:
-        if question.count(placeholder) != num_images:
-            raise ValueError(f"the question holds {question.count(placeholder)} {placeholder} placeholder(s) for "
-                             f"{num_images} image(s)")
-        messages = [{"role": "user", "content": question}]
-    else:
-        content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
-        messages = [{"role": "user", "content": content}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
 
 
 def load_images(images) -> list:
@@ -76,7 +58,7 @@ def answer(model, processor, image, question: str, max_new_tokens: int = DEFAULT
     settings = settings if settings is not None else GenerationSettings(max_new_tokens=max_new_tokens)
     t0 = time.perf_counter()
     images = load_images(image if isinstance(image, (list, tuple)) else [image])
-    prompt = question_prompt(processor, question, len(images))
+    prompt = processor.question_prompt(question, len(images))
     batch = generate(model, processor, [prompt], [images], settings, max_slices=max_slices, on_text=on_text)
     inputs, result = batch.inputs, batch.results[0]
     per_image = [{"size": (int(w), int(h)), "grid": (int(cols), int(rows))}

@@ -97,7 +97,6 @@ class _Run:
 
     def jobs(self, questions) -> list[_Job]:
         """The prompts of ``questions`` and their lengths; bad ones rejected."""
-        from .ask import question_prompt
         from .generation import context_limit
 
         limit = context_limit(self.model)
@@ -107,7 +106,7 @@ class _Run:
                 if q.error:
                     raise ValueError(q.error)
                 sizes = [image_size(p) for p in q.images]
-                prompt = question_prompt(self.processor, q.text, len(sizes))
+                prompt = self.processor.question_prompt(q.text, len(sizes))
                 tokens = prompt_tokens(self.processor, prompt, sizes, self.args.max_slices)
                 if limit is not None and tokens + self.settings.max_new_tokens > limit:
                     raise ValueError(f"too long: the prompt is {tokens} tokens and up to "
