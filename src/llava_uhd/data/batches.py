@@ -40,9 +40,9 @@ def _shm_free_bytes() -> int:
 def ordered_batches(dataset, batch_size: int, workers: int, collate_fn: Callable[[list], Any] = as_list
                     ) -> Iterable[Any]:
     """``collate_fn([dataset[i] for i in batch])`` for consecutive batches of ``batch_size``, in order."""
-    if workers > 0 and _shm_free_bytes() < MIN_SHM_BYTES:
-        logger.warning("/dev/shm has %.1f GiB free: data workers as threads instead of processes",
-                       _shm_free_bytes() / 2**30)
+    free = _shm_free_bytes() if workers > 0 else 0
+    if workers > 0 and free < MIN_SHM_BYTES:
+        logger.warning("/dev/shm has %.1f GiB free: data workers as threads instead of processes", free / 2**30)
         return _thread_batches(dataset, batch_size, workers, collate_fn)
     from torch.utils.data import DataLoader
 
