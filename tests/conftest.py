@@ -97,6 +97,25 @@ def random_image(width: int, height: int, seed: int = 0):
     return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
 
 
+def png_bomb(width: int = 32000, height: int = 32000) -> bytes:
+    """A decompression bomb: a black 1-bit PNG of ``width x height`` (about 120 KB for 32000x32000) whose decode
+    would take ``width * height`` bytes as grey or three times that as RGB. Written chunk by chunk, so building
+    it costs little memory."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor, parts = zlib.compressobj(9), []
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then the packed bits
+    for _ in range(height):
+        parts.append(compressor.compress(row))
+    parts.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return build_tiny_tokenizer()

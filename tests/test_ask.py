@@ -208,9 +208,11 @@ def test_ask_options(tiny_dir, capsys):
 @pytest.mark.parametrize("options, message", [
     (["--temperature", "-1"], "--temperature must be >= 0"),
     (["--top-p", "0"], "--top-p must lie in (0, 1]"),
-    (["--num-beams", "0"], "--num-beams must be >= 1"),
-    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-    (["--max-slices", "0"], "--max-slices must be >= 1"),
+    (["--num-beams", "0"], "argument --num-beams: must be >= 1, got 0"),
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: must be >= 1, got 0"),
+    (["--max-slices", "0"], "argument --max-slices: must be >= 1, got 0"),
+    (["--threads", "-1"], "argument --threads: must be >= 1, got -1"),
+    (["--threads", "two"], "argument --threads: expected an integer, got 'two'"),
     (["--device", "nowhere"], "is not a device"),
     (["--image", "missing.png"], "no such image file: 'missing.png'"),
     (["--max-new-tokens", "100000"], "too long"),
@@ -218,7 +220,11 @@ def test_ask_options(tiny_dir, capsys):
 def test_ask_mistakes_are_one_line(tiny_dir, capsys, options, message):
     from llava_uhd.serve.ask import main
 
-    assert main(["--model", str(tiny_dir), "--image", str(tiny_dir / "img0.png"), *options, "Which?"]) == 2
+    try:
+        status = main(["--model", str(tiny_dir), "--image", str(tiny_dir / "img0.png"), *options, "Which?"])
+    except SystemExit as e:  # argparse's own checks (types, choices) exit from the parser
+        status = e.code
+    assert status == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1
     assert captured.err.startswith("llava-uhd ask: ") and message in captured.err

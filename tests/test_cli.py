@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -93,7 +94,8 @@ def test_example_image_with_a_question(tmp_path, capsys):
     assert Image.open(out).tobytes() == sample.image.tobytes()
     assert main(["example-image", str(out), "--width", "20", "--height", "480", "--kind", "count"]) == 2
     assert "at least 32x32" in capsys.readouterr().err
-    assert main(["example-image", str(out), "--width", "0", "--height", "480"]) == 2
+    assert _status(["example-image", str(out), "--width", "0", "--height", "480"]) == 2
+    assert "argument --width: must be >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["example-image", str(out), "--kind", "nope"])
     # a single-shape probe (the nano model's default kinds)
@@ -104,3 +106,57 @@ def test_example_image_with_a_question(tmp_path, capsys):
     probe = probe_sample(0, "probe_colour", NanoSettings(), size=(500, 900))
     assert capsys.readouterr().out.splitlines()[1:] == [f"question: {probe.question}", f"answer: {probe.answer}"]
     assert Image.open(out).tobytes() == probe.image.tobytes()
+
+
+def _status(argv: list[str]) -> int:
+    """``main(argv)``'s exit status, whether it returns it or argparse exits with it."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--queries", "-5"], "llava-uhd slice: error: argument --queries: must be >= 1, got -5"),
+    (["--queries", "many"], "argument --queries: expected an integer, got 'many'"),
+    (["--max-slices", "0"], "argument --max-slices: must be >= 1, got 0"),
+    (["--out", "no/such/folder/plan.png"], "cannot write 'no/such/folder/plan.png': the folder 'no/such/folder' "
+                                           "does not exist"),
+    (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+])
+def test_slice_mistakes_are_one_line_before_any_work(example, capsys, monkeypatch, tmp_path, options, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("llava_uhd.image_io.load_rgb", lambda *a, **k: pytest.fail("the image was read"))
+    assert _status(["slice", str(example), *options]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and message in captured.err
+
+
+def test_the_plan_picture_follows_queries_and_wraps_its_title(tmp_path, capsys):
+    from llava_uhd.slicing import plan_slices
+    from llava_uhd.visualize import draw_plan
+
+    tall = make_example_image(300, 2000)
+    plan = plan_slices(300, 2000)
+    small, large = draw_plan(tall, plan, queries=16), draw_plan(tall, plan, queries=64)
+    # the title is the only difference (7 crops x 16 queries + 6 separators = 118 tokens against 454)
+    assert small.size == large.size and small.width < 400
+    differs = [y for y in range(small.height)
+               if any(small.getpixel((x, y)) != large.getpixel((x, y)) for x in range(0, small.width, 2))]
+    assert differs and max(differs) < 120
+    # the title is wrapped to the picture: no dark text pixel in its right margin
+    for picture in (small, large):
+        strip = picture.crop((picture.width - 18, 0, picture.width, 120)).convert("L")
+        assert np.asarray(strip).min() > 200
+    out = tmp_path / "plan.png"
+    assert main(["slice", str(tmp_path / "t.png"), "--out", str(out)]) == 2  # no such image yet
+    tall.save(tmp_path / "t.png")
+    assert main(["slice", str(tmp_path / "t.png"), "--queries", "16", "--out", str(out)]) == 0
+    assert "= 118" in capsys.readouterr().out and Image.open(out).size == small.size
+
+
+def test_a_closed_pipe_ends_quietly(example):
+    # `llava-uhd slice x.png | true`: the reader is gone before the first line; no BrokenPipeError, status 141
+    done = subprocess.run(f"{sys.executable} -m llava_uhd slice {example} | true; exit ${{PIPESTATUS[0]}}",
+                          shell=True, executable="/bin/bash", capture_output=True, text=True)
+    assert done.stderr == "" and done.returncode == 141

@@ -8,7 +8,8 @@ import torch
 from conftest import build_tiny
 from serve_helpers import picture
 
-from llava_uhd.serve.generation import GenerationSettings, context_limit, generate
+from llava_uhd.modeling.context import context_limit
+from llava_uhd.serve.generation import GenerationSettings, generate
 
 QUESTIONS = ["What colour is the shape?", "How many circles are there?", "What colour?"]
 
@@ -117,10 +118,32 @@ def test_settings_are_checked():
 
 def test_a_prompt_past_the_context_is_refused(tiny, monkeypatch):
     model, processor = tiny
-    assert context_limit(model) == model.config.text_config.max_position_embeddings
+    assert context_limit(model.config) == model.config.text_config.max_position_embeddings
     prompt = _prompt(processor, QUESTIONS[0])
     length = processor(images=[picture(90, 50)], text=[prompt])["input_ids"].shape[1]
     monkeypatch.setattr(model.config.text_config, "max_position_embeddings", length + 3)  # a short context
     generate(model, processor, [prompt], [[picture(90, 50)]], GenerationSettings(max_new_tokens=3))  # fills it
     with pytest.raises(ValueError, match=f"too long: the prompt is {length} tokens.*context of {length + 3}"):
         generate(model, processor, [prompt], [[picture(90, 50)]], GenerationSettings(max_new_tokens=4))
+
+
+def test_model_generate_refuses_a_prompt_past_the_context_before_any_work(tiny, monkeypatch):
+    """The Python path: ``model.generate(**processor(...))`` checks prompt + image tokens + the answer's budget
+    against the LLM's context before the vision tower runs."""
+    model, processor = tiny
+    images = [picture(90, 50), picture(40, 120)]
+    inputs = processor(images=images, text=[_prompt(processor, QUESTIONS[0]), _prompt(processor, "Which one?")],
+                       padding_side="left")
+    lengths = inputs["attention_mask"].sum(-1).tolist()
+    assert lengths[0] != lengths[1]  # the check counts each row's own tokens, not the padding
+    limit = max(lengths) + 2
+    monkeypatch.setattr(model.config.text_config, "max_position_embeddings", limit)
+    with torch.inference_mode():
+        assert model.generate(**inputs, max_new_tokens=2, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 2
+    monkeypatch.setattr(type(model), "get_image_features", lambda *a, **k: pytest.fail("the vision tower ran"))
+    k = lengths.index(max(lengths))
+    with pytest.raises(ValueError, match=rf"too long: prompt {k} is {max(lengths)} tokens \(image tokens included\) "
+                                         rf"and up to 3 new tokens would follow, past the model's context of {limit}"):
+        model.generate(**inputs, max_new_tokens=3)
+    with pytest.raises(ValueError, match=f"context of {limit} tokens"):
+        model.generate(**inputs, max_length=limit + 5)  # a total length past the context, without max_new_tokens

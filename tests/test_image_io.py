@@ -72,3 +72,113 @@ def test_an_animated_image_gives_its_first_frame_and_says_so(tmp_path):
 
     with Image.open(path) as im:
         assert np.array_equal(np.asarray(first), np.asarray(im.convert("RGB")))
+
+
+def _peak_rss_growth_mb(tmp_path, code: str) -> dict:
+    """Run ``code`` (with ``path`` bound) in a fresh interpreter that has imported the image processor, and
+    report the growth of its peak resident memory over that baseline, its time and its output."""
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import json, resource, time\n"
+        "from llava_uhd.image_processing import LlavaUHDImageProcessor\n"
+        "from llava_uhd.image_io import load_rgb\n"
+        "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "t = time.perf_counter()\n"
+        "try:\n"
+        + "".join(f"    {line}\n" for line in code.splitlines())
+        + "except ValueError as e:\n    out = 'ValueError: ' + str(e)\n"
+        "seconds = time.perf_counter() - t\n"
+        "grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024\n"
+        "print(json.dumps({'out': out, 'seconds': seconds, 'grown_mb': grown}))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_decompression_bomb_is_refused_from_its_header(tmp_path):
+    from conftest import png_bomb
+
+    (tmp_path / "bomb.png").write_bytes(png_bomb(32000, 32000))  # 120 KB on disk, 1 gigapixel decoded
+    result = _peak_rss_growth_mb(tmp_path, "out = repr(LlavaUHDImageProcessor()('bomb.png')['pixel_values'].shape)")
+    assert result["out"].startswith("ValueError: image 0 ('bomb.png'): 32000x32000 = 1024000000 pixels exceeds "
+                                    "max_pixels=178956970"), result
+    assert result["seconds"] < 1.0 and result["grown_mb"] < 30, result
+    # the same through every input form, and a user can lift the limit (a small bomb, so the test stays cheap)
+    small_bomb = png_bomb(3000, 2000)
+    with pytest.raises(ValueError, match="exceeds max_pixels=1000000"):
+        load_rgb(small_bomb, max_pixels=1_000_000)
+    with pytest.raises(ValueError, match="exceeds max_pixels=1000000"):
+        load_rgb("data:image/png;base64," + base64.b64encode(small_bomb).decode(), max_pixels=1_000_000)
+    assert np.asarray(load_rgb(small_bomb, max_pixels=None)).shape == (2000, 3000, 3)
+
+
+def test_pillows_global_guard_is_neither_used_nor_touched(monkeypatch):
+    # Our limit is per call; Pillow's process-wide MAX_IMAGE_PIXELS is another thread's business, never flipped.
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    image = _png_bytes(random_image(40, 30, 0))  # 1200 pixels: Pillow's own guard would refuse it (> 2 * 100)
+    assert np.asarray(load_rgb(image, max_pixels=1200)).shape == (30, 40, 3)
+    with pytest.raises(ValueError, match="40x30 = 1200 pixels exceeds max_pixels=1199"):
+        load_rgb(image, max_pixels=1199)
+    assert Image.MAX_IMAGE_PIXELS == 100
+
+
+def test_a_48_megapixel_photo_decodes_at_a_reduced_scale_in_bounded_memory(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray((rng.random((60, 80, 3)) * 255).astype(np.uint8)).resize((8000, 6000), Image.BICUBIC)
+    photo.save(tmp_path / "photo.jpg", quality=90)
+    del photo
+    # A full decode holds 8000 * 6000 * 3 bytes = 144 MB; the 1/2-scale draft holds a quarter of that.
+    result = _peak_rss_growth_mb(tmp_path, "p = LlavaUHDImageProcessor()\n"
+                                           "out = [p('photo.jpg')['image_sizes'].tolist(), p.keep_pixels()]")
+    assert result["out"] == [[[3000, 4000]], 4 * 7 * 336 * 336], result
+    assert result["grown_mb"] < 100, result
+
+
+def test_the_reduced_decode_keeps_the_pixels_the_model_sees(tmp_path):
+    from PIL import Image
+
+    from llava_uhd.image_processing import LlavaUHDImageProcessor
+
+    rng = np.random.default_rng(1)
+    photo = Image.fromarray((rng.random((40, 60, 3)) * 255).astype(np.uint8)).resize((4800, 3200), Image.BICUBIC)
+    photo.save(tmp_path / "photo.jpg", quality=95)
+    processor = LlavaUHDImageProcessor()
+    assert 4800 * 3200 > 4 * processor.keep_pixels()  # so the decoder halves it
+    reduced = processor(str(tmp_path / "photo.jpg"))
+    full_decode = processor(Image.open(tmp_path / "photo.jpg").convert("RGB"))  # a PIL image is never drafted
+    assert reduced["image_sizes"].tolist() == [[1600, 2400]] and full_decode["image_sizes"].tolist() == [[3200, 4800]]
+    assert reduced["image_layout"].tolist() == full_decode["image_layout"].tolist()
+    assert reduced["patch_grid_hw"].tolist() == full_decode["patch_grid_hw"].tolist()
+    # pixel differences in 0-255 units (CLIP's std is about 0.27): a fraction of one grey level on average
+    diff = np.abs(reduced["pixel_values"] - full_decode["pixel_values"]) * 0.27 * 255
+    assert diff.mean() < 1.0 and np.percentile(diff, 99) < 6, (diff.mean(), np.percentile(diff, 99))
+
+
+def test_32_bit_images_are_scaled_by_their_real_range():
+    from PIL import Image
+
+    ramp = np.linspace(0, 1, 50 * 20).reshape(20, 50)
+    sixteen_in_32 = Image.fromarray((ramp * 65535).round().astype(np.int32), mode="I")
+    assert np.allclose(load_rgb(sixteen_in_32)[:, :, 0], ramp, atol=1e-5)  # 16-bit data in a 32-bit container
+    wide = Image.fromarray((ramp * 4_000_000 - 1_000_000).round().astype(np.int32), mode="I")
+    out = load_rgb(wide)
+    assert out.dtype == np.float32 and out.shape == (20, 50, 3)
+    assert np.allclose(out[:, :, 1], ramp, atol=1e-6)  # min to max, not clipped at 65535 into a white picture
+    kelvin = Image.fromarray((ramp * 300 + 20).astype(np.float32), mode="F")
+    assert np.allclose(load_rgb(kelvin)[:, :, 2], ramp, atol=1e-5)
+    unit = Image.fromarray((ramp * 0.5).astype(np.float32), mode="F")
+    assert np.allclose(load_rgb(unit)[:, :, 0], ramp * 0.5, atol=1e-6)  # float data in [0, 1] is kept as it is
+    flat = Image.fromarray(np.full((4, 4), 7_000_000, np.int32), mode="I")
+    assert (load_rgb(flat) == 0).all()
+    nan = Image.fromarray(np.full((4, 4), np.nan, np.float32), mode="F")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        load_rgb(nan)

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llava_uhd.slicing import SliceConfig, choose_grid, fit_to_patches, partition, plan_slices
+from llava_uhd.slicing import DEFAULT_MAX_PIXELS, SliceConfig, choose_grid, fit_to_patches, partition, plan_slices
 
 PAPER = SliceConfig.paper()
 
@@ -83,7 +83,7 @@ def test_presets_one_argument_away():
 def test_square_tie_is_exact_and_documented():
     # 2x3 and 3x2 tie exactly for a square image; the rule picks landscape slices: 2 cols x 3 rows.
     for side in (900, 1000, 5000, 30000):
-        assert choose_grid(side, side, PAPER) == (2, 3)
+        assert choose_grid(side, side, SliceConfig.paper(max_pixels=None)) == (2, 3)
     # a square image with 4 ideal slices: 2x2 wins outright
     assert choose_grid(672, 672, PAPER) == (2, 2)
 
@@ -112,7 +112,7 @@ def test_slice_resize_keeps_aspect_and_area():
 
 def test_extreme_inputs_give_plans():
     for w, h in [(1, 1), (1, 10000), (10000, 1), (100000, 3), (3, 100000), (30000, 30000), (4000, 100)]:
-        plan = plan_slices(w, h)
+        plan = plan_slices(w, h, max_pixels=None)
         check_plan_invariants(plan, PAPER)
     assert plan_slices(1, 10000).slices[0].size == (14, 8064)
     assert plan_slices(10000, 1).slices[0].size == (8064, 14)
@@ -121,8 +121,11 @@ def test_extreme_inputs_give_plans():
 
 
 def test_pixel_limit_is_configurable():
+    # the default is Pillow's bomb threshold, 2 * 89,478,485 pixels (a 1 GB RGBA decode / 3 bytes a pixel, twice)
+    assert SliceConfig().max_pixels == DEFAULT_MAX_PIXELS == 2 * (1024**3 // 4 // 3)
+    assert plan_slices(14000, 10000).is_sliced  # a 140-megapixel photo
     with pytest.raises(ValueError, match="exceeds max_pixels"):
-        plan_slices(40000, 40000)
+        plan_slices(32000, 32000)
     assert plan_slices(40000, 40000, max_pixels=None).is_sliced
     with pytest.raises(ValueError, match="positive integer"):
         plan_slices(0, 10)
@@ -158,8 +161,9 @@ def image_sizes(draw):
     return w, h
 
 
-configs = st.sampled_from([SliceConfig.paper(), SliceConfig.release(), SliceConfig(image_size=(224, 224), patch_size=14,
-                                                                                   max_slices=9)])
+# geometry only, so no pixel limit: sizes up to 20000x20000 are plans, never decoded images
+configs = st.sampled_from([SliceConfig.paper(max_pixels=None), SliceConfig.release(max_pixels=None),
+                           SliceConfig(image_size=(224, 224), patch_size=14, max_slices=9, max_pixels=None)])
 
 
 @settings(max_examples=400, deadline=None)
@@ -213,7 +217,7 @@ def test_property_paper_claim_on_slice_shapes(wh):
     w, h = wh
     if not (Fraction(1, 6) <= Fraction(w, h) <= 6) or w * h <= 336 * 336:
         return
-    plan = plan_slices(w, h, SliceConfig(max_slices=20))
+    plan = plan_slices(w, h, SliceConfig(max_slices=20, max_pixels=None))
     for s in plan.slices:
         l, t, r, b = s.box
         assert Fraction(1, 2) - Fraction(1, 20) <= Fraction(r - l, b - t) <= 2 + Fraction(1, 10)

@@ -10,6 +10,8 @@ import sys
 import numpy as np
 from PIL import Image
 
+from .commandline import (CommandParser, exit_quietly_on_closed_pipe, non_negative_int, output_file, positive_int,
+                          require_extra)
 from .slicing import SliceConfig, SlicePlan
 
 __all__ = ["main"]
@@ -80,7 +82,7 @@ def _cmd_slice(args) -> int:
     if args.out:
         if not isinstance(image, Image.Image):
             image = Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
-        draw_plan(image, plan).save(args.out)
+        draw_plan(image, plan, queries=args.queries).save(args.out)
         if not args.json:
             print(f"\nwrote {args.out}")
     return 0
@@ -104,10 +106,6 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_example_image(args) -> int:
-    if args.width < 1 or args.height < 1:
-        print(f"llava-uhd example-image: width and height must be >= 1, got {args.width}x{args.height}",
-              file=sys.stderr)
-        return 2
     if args.kind is None:
         from .visualize import make_example_image
 
@@ -179,18 +177,18 @@ _SUBCOMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llava-uhd", description="LLaVA-UHD: any aspect ratio, high resolution.")
+    parser = CommandParser(prog="llava-uhd", description="LLaVA-UHD: any aspect ratio, high resolution.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("slice", help="show how an image is cut into slices and what it costs",
                        description="Print the slicing plan of IMAGE (grid, slice boxes and sizes, overview, patches, "
                                    "LLM tokens) beside what LLaVA-1.5 and LLaVA-NeXT spend on it.")
     p.add_argument("image", help="path of the image")
-    p.add_argument("--max-slices", type=int, default=None, help="slice cap (default: the preset's; paper 6)")
+    p.add_argument("--max-slices", type=positive_int, default=None, help="slice cap (default: the preset's; paper 6)")
     p.add_argument("--preset", choices=["paper", "release"], default="paper",
                    help="slicing settings: the paper's (max 6 slices) or the authors' release (max 7)")
-    p.add_argument("--queries", type=int, default=64, help="resampler queries per slice (default 64)")
-    p.add_argument("--out", help="write a picture of the plan (PNG) here")
+    p.add_argument("--queries", type=positive_int, default=64, help="resampler queries per slice (default 64)")
+    p.add_argument("--out", type=output_file, help="write a picture of the plan (PNG) here")
     p.add_argument("--json", action="store_true",
                    help="print the plan as JSON (keys: cols, rows, slices[{box, size, grid}], overview, tokens) only")
     p.set_defaults(func=_cmd_slice)
@@ -218,10 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.probes import ALL_KINDS
 
     p = sub.add_parser("example-image", help="write a generated example image with fine detail")
-    p.add_argument("out", help="output path (PNG)")
-    p.add_argument("--width", type=int, default=1008)
-    p.add_argument("--height", type=int, default=672)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("out", type=output_file, help="output path (PNG)")
+    p.add_argument("--width", type=positive_int, default=1008)
+    p.add_argument("--height", type=positive_int, default=672)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--kind", default=None, choices=ALL_KINDS,
                    help="draw a synthetic question image of this kind instead (the nano model's training "
                         "distribution) and print its question and answer")
@@ -229,17 +227,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# the optional extra (pyproject.toml) each command needs beyond the base install; checked before any work
+_EXTRA = {"train": "train", "ablate": "train", "train-nano": "nano", "ask": "nano", "chat": "nano", "infer": "nano",
+          "build": "nano", "convert": "torch"}
+
+
+def _require_extra(command: str) -> bool:
+    """False (after one line on stderr) when ``command``'s extra is not installed."""
+    try:
+        if command in _EXTRA:
+            require_extra(_EXTRA[command])
+    except ValueError as e:
+        print(f"llava-uhd {command}: {e}", file=sys.stderr)
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:  # everything after `train` belongs to the Trainer's argument parser
+        if not {"-h", "--help", "--help-all"} & set(argv) and not _require_extra("train"):
+            return 2
         from .train.run import main as train_main
 
-        return train_main(argv[1:])
+        return exit_quietly_on_closed_pipe(lambda: train_main(argv[1:]))
     args = build_parser().parse_args(argv)
     if getattr(args, "max_slices", None) is not None and args.max_slices < 1:
         print("llava-uhd: --max-slices must be >= 1", file=sys.stderr)
         return 2
-    return args.func(args)
+    if not _require_extra(args.command):
+        return 2
+    return exit_quietly_on_closed_pipe(lambda: args.func(args))
 
 
 if __name__ == "__main__":

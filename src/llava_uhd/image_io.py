@@ -14,9 +14,10 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import os
 import re
-import threading
+import struct
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,13 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .slicing import SliceConfig
+from .slicing import DEFAULT_MAX_PIXELS
 
 __all__ = ["load_rgb", "describe_image"]
 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _WIDE_INT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
-_PIL_OPEN_LOCK = threading.Lock()
+_ORIENTATION = 0x0112  # the EXIF tag
 
 
 def describe_image(image: Any) -> str:
@@ -50,18 +51,50 @@ def describe_image(image: Any) -> str:
 
 
 def _open(source: str | os.PathLike | bytes, max_pixels: int | None) -> Image.Image:
-    """Open a file or encoded bytes, checking the pixel count before decoding anything."""
-    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-    # We enforce our own documented limit (SliceConfig.max_pixels) instead of PIL's decompression-bomb guard.
-    with _PIL_OPEN_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        try:
-            image = Image.open(fp)
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
-    _check_pixels(image.size, max_pixels)
+    """Open a file or encoded bytes and check its pixel count from the header, before anything is decoded.
+
+    Pillow's `Image.open` applies its own process-wide decompression-bomb guard (`Image.MAX_IMAGE_PIXELS`); we
+    enforce ``max_pixels`` instead, so a user can raise or lower it per call. Rather than flipping Pillow's global
+    (a race between threads), we identify the format through Pillow's plugin registry the way `Image.open` does,
+    minus its guard.
+    """
+    fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
+    try:
+        image = _identify(fp, "" if isinstance(source, (bytes, bytearray)) else os.fspath(source))
+        _check_pixels(image.size, max_pixels)
+    except BaseException:
+        fp.close()
+        raise
+    image._exclusive_fp = True  # the image owns the file and closes it once decoded, as with Image.open(path)
     return image
+
+
+def _identify(fp, filename: str) -> Image.Image:
+    """The first Pillow plugin that accepts the file's first bytes opens it (header only)."""
+    prefix = fp.read(16)
+    tried: set[str] = set()
+    for loader in (Image.preinit, Image.init):  # common plugins first, the rest only when needed
+        loader()
+        for name in [f for f in Image.ID if f not in tried]:
+            tried.add(name)
+            factory, accept = Image.OPEN[name]
+            accepted = not accept or accept(prefix)
+            if not accepted or isinstance(accepted, str):  # a str is Pillow's "not this format, because ..."
+                continue
+            try:
+                fp.seek(0)
+                return factory(fp, filename)
+            except (SyntaxError, IndexError, TypeError, struct.error):
+                continue
+    raise UnidentifiedImageError("cannot identify image file")
+
+
+def _draft(image: Image.Image, keep_pixels: int) -> None:
+    """Ask the decoder (JPEG only; a no-op elsewhere) for a reduced scale that keeps ``keep_pixels`` pixels."""
+    w, h = image.size
+    if w * h > keep_pixels:
+        f = math.sqrt(keep_pixels / (w * h))
+        image.draft(None, (math.ceil(w * f), math.ceil(h * f)))
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int | None) -> None:
@@ -76,12 +109,11 @@ def _pil_to_working(image: Image.Image) -> Image.Image | np.ndarray:
     """EXIF orientation applied, any mode to RGB: a PIL RGB image (8-bit sources) or a float32 (H, W, 3) array
     in [0, 1] (16/32-bit and float sources, kept at full precision)."""
     image.load()  # decode now so a truncated file fails here, with a clear message
-    image = ImageOps.exif_transpose(image)
+    if image.getexif().get(_ORIENTATION, 1) != 1:  # exif_transpose copies the image even when nothing turns
+        image = ImageOps.exif_transpose(image)
     mode = image.mode
     if mode in _WIDE_INT_MODES or mode == "F":
-        arr = np.asarray(image, dtype=np.float32)
-        arr = arr / 65535.0 if mode in _WIDE_INT_MODES else arr
-        return np.repeat(np.clip(arr, 0.0, 1.0)[:, :, None], 3, axis=2)
+        return np.repeat(_scale_wide(image)[:, :, None], 3, axis=2)
     if mode == "1":
         image = image.convert("L")
     if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
@@ -90,6 +122,24 @@ def _pil_to_working(image: Image.Image) -> Image.Image | np.ndarray:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _scale_wide(image: Image.Image) -> np.ndarray:
+    """A 16-bit, 32-bit integer or float single-channel image to float32 in [0, 1].
+
+    16-bit modes divide by 65535. A 32-bit integer image whose values fit 16 bits is 16-bit data in a wider
+    container (how Pillow opens some 16-bit files) and divides by 65535 too; any other 32-bit integer image, and
+    a float image outside [0, 1], is scaled by its real range (min to max), never clipped into a white picture.
+    """
+    arr = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{image.mode} image contains NaN or infinite values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if image.mode == "F" and lo >= 0.0 and hi <= 1.0:
+        return arr.astype(np.float32)
+    if image.mode != "F" and lo >= 0 and hi <= 65535:
+        return (arr / 65535.0).astype(np.float32)
+    return ((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)).astype(np.float32)
 
 
 def _array_to_working(arr: np.ndarray) -> Image.Image | np.ndarray:
@@ -137,13 +187,21 @@ def _array_to_working(arr: np.ndarray) -> Image.Image | np.ndarray:
     return arr
 
 
-def load_rgb(image: Any, max_pixels: int | None = SliceConfig().max_pixels) -> Image.Image | np.ndarray:
+def load_rgb(image: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+             keep_pixels: int | None = None) -> Image.Image | np.ndarray:
     """Any supported image input to RGB, EXIF orientation applied.
 
     Accepts a path, encoded bytes, a ``data:`` or ``http(s)://`` URL, a PIL image of any mode (L, LA, P, RGBA,
     CMYK, I;16, 1, ...), a numpy array or a torch tensor. Returns a PIL RGB image for 8-bit sources, else a float32
     ``(H, W, 3)`` array in [0, 1]. Raises `ValueError` naming the problem for anything unreadable (a missing path,
     a directory, another URL scheme, ...); an animated image gives its first frame, with a warning that says so.
+
+    Args:
+        max_pixels: files and bytes claiming more pixels are refused from their header, before anything is
+            decoded (None: no limit).
+        keep_pixels: a JPEG file with more than this many pixels decodes at the smallest scale (1/2, 1/4 or 1/8,
+            done by the decoder, so memory stays bounded) that keeps at least this many. None decodes in full;
+            other formats always decode in full.
     """
     if isinstance(image, str) and image.startswith("data:"):
         image = _decode_data_url(image)
@@ -157,6 +215,8 @@ def load_rgb(image: Any, max_pixels: int | None = SliceConfig().max_pixels) -> I
     if isinstance(image, (str, os.PathLike, bytes, bytearray)):
         try:
             image = _open(image, max_pixels)
+            if keep_pixels is not None:
+                _draft(image, keep_pixels)
         except UnidentifiedImageError as e:
             raise ValueError("not an image (unknown or unsupported format)") from e
         except OSError as e:

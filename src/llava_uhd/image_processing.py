@@ -16,7 +16,7 @@ from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
 from .image_io import describe_image, load_rgb
-from .slicing import SliceConfig, SlicePlan, plan_fixed_grid, plan_slices
+from .slicing import DEFAULT_MAX_PIXELS, SliceConfig, SlicePlan, plan_fixed_grid, plan_slices
 
 __all__ = ["LlavaUHDImageProcessor", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "load_rgb",
            "vision_image_stats"]
@@ -65,7 +65,8 @@ class LlavaUHDImageProcessor(BaseImageProcessor):
         patch_size (`int`, defaults to 14): the ViT's patch size.
         max_slices (`int`, defaults to 6): slice cap (the paper: 6; the authors' release: 7). Can be overridden per
             call.
-        max_pixels (`int`, defaults to 2**30): larger images are refused with a `ValueError`.
+        max_pixels (`int`, defaults to `DEFAULT_MAX_PIXELS`, Pillow's bomb threshold, about 179 megapixels):
+            larger images are refused with a `ValueError`, from the file's header, before decoding.
         resample (`int`, defaults to ``PIL.Image.BICUBIC``): resampling filter (PIL filters are antialiased).
         do_rescale, rescale_factor: scale 8-bit pixel values by ``1/255`` (float inputs must already be in [0, 1]).
         do_normalize, image_mean, image_std: normalization (CLIP's mean and std by default).
@@ -84,7 +85,12 @@ class LlavaUHDImageProcessor(BaseImageProcessor):
     - ``crop_image_ids``: ``(K,)`` int64, the index of the image each crop belongs to.
     - ``crop_is_overview``: ``(K,)`` bool, True for the overview crops.
     - ``image_layout``: ``(B, 2)`` int64, each image's slice grid ``(rows, cols)`` (``(1, 1)``: not sliced).
-    - ``image_sizes``: ``(B, 2)`` int64, each image's ``(height, width)`` after EXIF orientation.
+    - ``image_sizes``: ``(B, 2)`` int64, each image's ``(height, width)`` as decoded, after EXIF orientation.
+
+    A JPEG file with more than four times the pixels its crops can use (``4 * (max_slices + 1)`` native areas:
+    twice each crop's resolution on each side) decodes at 1/2, 1/4 or 1/8 scale, keeping at least that many
+    (`load_rgb`'s ``keep_pixels``): a 48-megapixel photo costs the memory of a 12-megapixel one, and the plan and
+    ``image_sizes`` follow the decoded size. Other formats decode in full.
     """
 
     model_input_names = ["pixel_values", "patch_grid_hw", "crop_image_ids", "crop_is_overview", "image_layout",
@@ -95,7 +101,7 @@ class LlavaUHDImageProcessor(BaseImageProcessor):
         size: dict[str, int] | None = None,
         patch_size: int = 14,
         max_slices: int = 6,
-        max_pixels: int | None = SliceConfig().max_pixels,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
         resample: int = Image.Resampling.BICUBIC,
         do_rescale: bool = True,
         rescale_factor: float = 1 / 255,
@@ -153,6 +159,16 @@ class LlavaUHDImageProcessor(BaseImageProcessor):
             return plan_fixed_grid(width, height, min(cols, width), min(rows, height), config)
         return plan_slices(width, height, config)
 
+    def keep_pixels(self, max_slices: int | None = None) -> int:
+        """How many pixels of an image its crops can use, four times over (see the class docstring)."""
+        if self.image_strategy == "pad":
+            crops = 1
+        elif self.image_strategy == "fixed_grid":
+            crops = self.fixed_grid[0] * self.fixed_grid[1] + 1
+        else:
+            crops = (max_slices if max_slices is not None else self.max_slices) + 1
+        return 4 * crops * int(self.size["width"]) * int(self.size["height"])
+
     def _pad_to_square(self, image: Image.Image | np.ndarray) -> Image.Image | np.ndarray:
         """LLaVA-1.5's `expand2square`: centre the image on a square filled with the mean colour."""
         mean = np.asarray(self.image_mean, dtype=np.float32)
@@ -190,7 +206,7 @@ class LlavaUHDImageProcessor(BaseImageProcessor):
         patches, grids, owners, overview, layouts, sizes = [], [], [], [], [], []
         for i, image in enumerate(flat):
             try:
-                working = load_rgb(image, self.max_pixels)
+                working = load_rgb(image, self.max_pixels, keep_pixels=self.keep_pixels(max_slices))
             except ValueError as e:
                 raise ValueError(f"image {i} ({describe_image(image)}): {e}") from e
             eight_bit = isinstance(working, Image.Image)

@@ -15,6 +15,8 @@ single run of image tokens.
 """
 
 
+import copy
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,7 +26,8 @@ from typing_extensions import Unpack
 
 from .image_processing import LlavaUHDImageProcessor, vision_image_stats
 
-__all__ = ["LlavaUHDProcessor", "LlavaUHDProcessorKwargs", "image_token_layout", "VICUNA_V1_TEMPLATE", "IGNORE_INDEX"]
+__all__ = ["LlavaUHDProcessor", "LlavaUHDProcessorKwargs", "ChatPrompt", "image_token_layout", "VICUNA_V1_TEMPLATE",
+           "IGNORE_INDEX"]
 
 IGNORE_INDEX = -100
 
@@ -99,6 +102,24 @@ def image_token_layout(
     if overview_position == "after":
         out += overview
     return out
+
+
+class ChatPrompt(str):
+    """A rendered chat prompt that remembers where the users' text lies in it: ``user_spans``, ``(start, stop)``
+    character pairs. `LlavaUHDProcessor` tokenizes the special tokens typed inside those spans (``<|im_end|>``,
+    ``</s>``) as the characters they are, never as control tokens; the image placeholder stays a placeholder.
+    It is a `str` in every other way (printing, JSON); string operations give a plain `str`, which is tokenized
+    as transformers does (special tokens parsed everywhere)."""
+
+    user_spans: tuple[tuple[int, int], ...]
+
+    def __new__(cls, text: str, user_spans: Sequence[tuple[int, int]] = ()):
+        prompt = super().__new__(cls, text)
+        prompt.user_spans = tuple((int(a), int(b)) for a, b in user_spans)
+        return prompt
+
+
+_HIDDEN = re.compile("\ue000(\\d+)\ue001")  # a user text's stand-in while the chat template renders
 
 
 def _single_token_id(tokenizer, text: str) -> int:
@@ -213,9 +234,10 @@ class LlavaUHDProcessor(ProcessorMixin):
                                               self.newline_id, self.spatial_schema, self.overview_position))
         return layouts
 
-    def question_prompt(self, question: str, num_images: int = 1) -> str:
+    def question_prompt(self, question: str, num_images: int = 1) -> "ChatPrompt":
         """The generation prompt for one user turn: ``num_images`` image placeholders, then ``question``, rendered
-        with the processor's chat template (``add_generation_prompt=True``). A question that already holds exactly
+        with the processor's chat template (``add_generation_prompt=True``; special tokens typed in the question
+        stay text: see `render_chat`). A question that already holds exactly
         ``num_images`` placeholders is used as it is (they stay where it puts them). ValueError for an empty
         question or a placeholder count that does not match."""
         placeholder = self.image_token
@@ -229,7 +251,73 @@ class LlavaUHDProcessor(ProcessorMixin):
         else:
             content = [{"type": "image"}] * num_images + [{"type": "text", "text": question}]
             messages = [{"role": "user", "content": content}]
-        return self.apply_chat_template(messages, add_generation_prompt=True)
+        return self.render_chat(messages)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> ChatPrompt:
+        """``apply_chat_template(messages)`` as a `ChatPrompt` that knows where the user turns' text lies, so that
+        special tokens typed there stay text. Falls back to no spans (transformers' behaviour) for a template that
+        rewrites the user's text rather than inserting it."""
+        texts: list[str] = []
+
+        def hide(text: str) -> str:
+            texts.append(text)
+            return f"\ue000{len(texts) - 1}\ue001"
+
+        hidden = copy.deepcopy(messages)
+        for message in hidden:
+            if message.get("role") != "user":
+                continue
+            if isinstance(message.get("content"), str):
+                message["content"] = hide(message["content"])
+            elif isinstance(message.get("content"), list):
+                for part in message["content"]:
+                    if part.get("type") == "text" and isinstance(part.get("text"), str):
+                        part["text"] = hide(part["text"])
+        rendered = self.apply_chat_template(hidden, add_generation_prompt=add_generation_prompt)
+        found = [int(m.group(1)) for m in _HIDDEN.finditer(rendered)]
+        if sorted(found) != list(range(len(texts))):
+            return ChatPrompt(self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt))
+        pieces, spans, length, last = [], [], 0, 0
+        for m in _HIDDEN.finditer(rendered):
+            pieces += [rendered[last:m.start()], texts[int(m.group(1))]]
+            length += m.start() - last
+            spans.append((length, length + len(pieces[-1])))
+            length += len(pieces[-1])
+            last = m.end()
+        pieces.append(rendered[last:])
+        return ChatPrompt("".join(pieces), spans)
+
+    def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text`` (image placeholders still one token each). Inside a `ChatPrompt`'s user spans,
+        special tokens other than the image placeholder are tokenized as plain text (special-token parsing off,
+        as a chat template means user text to be read)."""
+        literal = self._literal_specials(text)
+        if not literal:
+            return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        ids, last = [], 0
+        for start, stop in literal:  # the tokenizer splits at special tokens anyway: the pieces between are as one
+            ids += self.tokenizer(text[last:start], add_special_tokens=False)["input_ids"]
+            ids += self.tokenizer(text[start:stop], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            last = stop
+        ids += self.tokenizer(text[last:], add_special_tokens=False)["input_ids"]
+        if add_special_tokens:  # the tokenizer's own prefix / suffix (BOS, ...), found around a probe
+            probe = self.tokenizer(".", add_special_tokens=False)["input_ids"]
+            full = self.tokenizer(".", add_special_tokens=True)["input_ids"]
+            at = next(k for k in range(len(full) - len(probe) + 1) if full[k:k + len(probe)] == probe)
+            ids = full[:at] + ids + full[at + len(probe):]
+        return ids
+
+    def _literal_specials(self, text: str) -> list[tuple[int, int]]:
+        """``(start, stop)`` of every special token written inside a user span of ``text``, in order."""
+        spans = getattr(text, "user_spans", ())
+        if not spans:
+            return []
+        specials = sorted({t.content for t in self.tokenizer.added_tokens_decoder.values()
+                           if t.special and t.content and t.content != self.image_token}, key=len, reverse=True)
+        if not specials:
+            return []
+        pattern = re.compile("|".join(re.escape(t) for t in specials))
+        return [m.span() for start, stop in spans for m in pattern.finditer(text, start, stop)]
 
     def num_image_tokens(self, width: int, height: int, max_slices: int | None = None) -> int:
         """LLM tokens one ``width x height`` image costs, known before processing it."""
@@ -283,7 +371,7 @@ class LlavaUHDProcessor(ProcessorMixin):
         next_image = 0
         for k, t in enumerate(texts):
             ids: list[int] = []
-            for token in self.tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"]:
+            for token in self.encode_text(t, add_special_tokens=add_special_tokens):
                 if token == self.image_token_id:
                     ids += layouts[next_image]
                     next_image += 1

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 
 __all__ = [
+    "DEFAULT_MAX_PIXELS",
     "SliceConfig",
     "Slice",
     "SlicePlan",
@@ -39,6 +40,10 @@ __all__ = [
 ]
 
 
+DEFAULT_MAX_PIXELS = 178_956_970
+"""Pillow's decompression-bomb error threshold (``2 * PIL.Image.MAX_IMAGE_PIXELS``), about 179 megapixels."""
+
+
 @dataclass(frozen=True)
 class SliceConfig:
     """Settings of the partition strategy.
@@ -48,13 +53,15 @@ class SliceConfig:
         patch_size: the ViT's patch size in pixels.
         max_slices: cap on the number of slices (the paper uses 6, the authors' release 7).
         max_pixels: images with more pixels are refused with a `ValueError` (None: no limit). The plan itself is
-            cheap for any size; the limit protects the image processor from decoding huge images.
+            cheap for any size; the limit protects the image processor from decoding huge images (a
+            decompression bomb: a 100 KB PNG can claim 32000x32000 pixels, 3 GB decoded). The default,
+            `DEFAULT_MAX_PIXELS`, is Pillow's own refusal threshold: a 150-megapixel photo passes.
     """
 
     image_size: tuple[int, int] = (336, 336)
     patch_size: int = 14
     max_slices: int = 6
-    max_pixels: int | None = 1 << 30  # 1.07 G pixels: a 30000x30000 image still gets a plan
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     def __post_init__(self):
         w, h = self.image_size

@@ -22,6 +22,18 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
+def _wrap(text: str, font, width: float) -> str:
+    """``text`` broken into lines (at spaces) no wider than ``width`` pixels in ``font``."""
+    lines = [""]
+    for word in text.split(" "):
+        candidate = f"{lines[-1]} {word}".strip()
+        if lines[-1] and font.getlength(candidate) > width:
+            lines.append(word)
+        else:
+            lines[-1] = candidate
+    return "\n".join(lines)
+
+
 def _label(draw: ImageDraw.ImageDraw, centre: tuple[float, float], text: str, font, colour) -> None:
     left, top, right, bottom = draw.multiline_textbbox((0, 0), text, font=font, align="center")
     w, h = right - left, bottom - top
@@ -30,9 +42,10 @@ def _label(draw: ImageDraw.ImageDraw, centre: tuple[float, float], text: str, fo
     draw.multiline_text((x - left, y - top), text, fill=(0, 0, 0), font=font, align="center")
 
 
-def draw_plan(image: Image.Image, plan: SlicePlan, max_side: int = 900) -> Image.Image:
+def draw_plan(image: Image.Image, plan: SlicePlan, max_side: int = 900, queries: int = 64) -> Image.Image:
     """The image with the slice grid drawn over it (each slice labelled with its resized size and patch grid) and
-    the overview, at its resized size, beside it."""
+    the overview, at its resized size, beside it; the title gives the grid, the ViT patches and the LLM tokens
+    at ``queries`` resampler queries per crop, wrapped to the picture's width."""
     image = image.convert("RGB")
     scale = min(1.0, max_side / max(image.size))
     shown = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
@@ -41,18 +54,20 @@ def draw_plan(image: Image.Image, plan: SlicePlan, max_side: int = 900) -> Image
     if plan.overview is not None:
         overview = image.resize(plan.overview.size, Image.Resampling.BICUBIC)
     pad = 20
-    header = 34
     ov_w = overview.width + pad if overview is not None else 0
     ov_h = overview.height if overview is not None else 0
-    canvas = Image.new("RGB", (shown.width + ov_w + 2 * pad, max(shown.height, ov_h + 40) + header + 2 * pad),
-                       (245, 245, 245))
+    width = max(shown.width + ov_w + 2 * pad, 320)
+    title_font = _font(16)
+    title = _wrap(f"{plan.width}x{plan.height}: {plan.cols} cols x {plan.rows} rows, {len(plan.slices)} slice(s)"
+                  + (" + overview" if overview is not None else " (not sliced)")
+                  + f", {plan.num_patches} ViT patches, {plan.num_tokens(queries)} LLM tokens ({queries} queries "
+                  "per crop)", title_font, width - 2 * pad)
+    header = title.count("\n") * 20 + 34
+    canvas = Image.new("RGB", (width, max(shown.height, ov_h + 40) + header + 2 * pad), (245, 245, 245))
     canvas.paste(shown, (pad, pad + header))
     draw = ImageDraw.Draw(canvas)
     font = _font(max(11, min(18, shown.width // max(1, 6 * plan.cols))))
-    title = (f"{plan.width}x{plan.height}: {plan.cols} cols x {plan.rows} rows, {len(plan.slices)} slice(s)"
-             + (" + overview" if overview is not None else " (not sliced)")
-             + f", {plan.num_patches} ViT patches, {plan.num_tokens()} LLM tokens")
-    draw.text((pad, pad), title, fill=(0, 0, 0), font=_font(16))
+    draw.multiline_text((pad, pad), title, fill=(0, 0, 0), font=title_font, spacing=4)
     for s in plan.slices:
         l, t, r, b = (round(v * scale) for v in s.box)
         box = (pad + l, pad + header + t, pad + max(l, r - 1), pad + header + max(t, b - 1))

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_llava_uhd import LlavaUHDConfig
+from .context import check_context, context_limit
 from .projector import MLPProjector
 from .resampler import PerceiverResampler
 from .spatial_resampler import SpatialResampler
@@ -165,6 +166,19 @@ class LlavaUHDForConditionalGeneration(LlavaUHDPreTrainedModel, GenerationMixin)
             )
         flat = torch.cat(image_features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(mask.unsqueeze(-1).expand_as(inputs_embeds), flat)
+
+    def generate(self, *args, **kwargs):
+        """transformers' `generate`, after checking that every prompt (image tokens included) and the answer's
+        budget (``max_new_tokens``, else ``max_length``) fit in the LLM's context: a `ValueError` with the numbers
+        (`check_context`) before any work, instead of an answer from positions the model never learned."""
+        ids = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids"))
+        config = (args[1] if len(args) > 1 else kwargs.get("generation_config")) or self.generation_config
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            mask = kwargs.get("attention_mask")
+            lengths = mask.sum(-1).tolist() if mask is not None else [ids.shape[1]] * ids.shape[0]
+            check_context(lengths, kwargs.get("max_new_tokens", config.max_new_tokens), context_limit(self.config),
+                          kwargs.get("max_length", config.max_length))
+        return super().generate(*args, **kwargs)
 
     def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder: bool = False,
                                       input_ids: torch.LongTensor | None = None, **model_kwargs):

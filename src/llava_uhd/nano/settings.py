@@ -93,6 +93,8 @@ class NanoSettings(SyntheticDataSettings):
                      "max_new_tokens", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.checkpoint_steps < 0:
             raise ValueError(f"checkpoint_steps must be >= 0, got {self.checkpoint_steps}")
         if self.vision_rounding not in (VISION_ROUNDING, "none"):

@@ -79,7 +79,7 @@ class Conversation:
         """The rendered generation prompt for a new user turn ``text`` after the kept turns, and the images in the
         order of its placeholders."""
         user = {"role": "user", "content": [{"type": "image"}] * len(self._pending) + [{"type": "text", "text": text}]}
-        prompt = self.processor.apply_chat_template(self.messages + [user], add_generation_prompt=True)
+        prompt = self.processor.render_chat(self.messages + [user])  # typed special tokens stay text
         return prompt, self._history_images + self._pending
 
     def reply(self, model, text: str, settings, *, max_slices: int | None = None,

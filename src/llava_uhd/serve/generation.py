@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TextStreamer, set_seed
 
-__all__ = ["GenerationSettings", "Generation", "GenerationBatch", "generate", "context_limit", "DTYPES"]
+__all__ = ["GenerationSettings", "Generation", "GenerationBatch", "generate", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """The ``--dtype`` choices of the serving commands."""
@@ -97,13 +97,6 @@ class GenerationBatch:
     generate_s: float
 
 
-def context_limit(model) -> int | None:
-    """The longest sequence (prompt + answer) the language model takes: its ``max_position_embeddings``."""
-    text_config = getattr(model.config, "text_config", model.config)
-    limit = getattr(text_config, "max_position_embeddings", None)
-    return int(limit) if limit else None
-
-
 def generate(model, processor, prompts: Sequence[str], images: Sequence[Sequence], settings: GenerationSettings,
              *, max_slices: int | None = None, on_text: Callable[[str], None] | None = None) -> GenerationBatch:
     """Answer ``prompts`` (rendered prompts, one ``<image>`` per image) about ``images`` (one list per prompt, in
@@ -111,7 +104,8 @@ def generate(model, processor, prompts: Sequence[str], images: Sequence[Sequence
 
     Raises:
         ValueError: an unreadable image, a placeholder / image count mismatch, or a prompt that leaves no room for
-            ``settings.max_new_tokens`` in the model's context (`context_limit`); the message names the prompt.
+            ``settings.max_new_tokens`` in the model's context (checked by the model's `generate` before the
+            vision tower runs); the message names the prompt.
     """
     if len(prompts) != len(images):
         raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists")
@@ -119,12 +113,6 @@ def generate(model, processor, prompts: Sequence[str], images: Sequence[Sequence
     flat = [image for group in images for image in group]
     inputs = processor(images=flat or None, text=list(prompts), max_slices=max_slices, padding_side="left")
     lengths = inputs["attention_mask"].sum(-1).tolist()
-    limit = context_limit(model)
-    for k, length in enumerate(lengths):
-        if limit is not None and length + settings.max_new_tokens > limit:
-            which = f"prompt {k}" if len(prompts) > 1 else "the prompt"
-            raise ValueError(f"too long: {which} is {length} tokens and up to {settings.max_new_tokens} new tokens "
-                             f"would follow, past the model's context of {limit} tokens")
     inputs = inputs.to(model.device)
     tokenizer = processor.tokenizer
     config = settings.generation_config(model, tokenizer)

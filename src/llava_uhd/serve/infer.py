@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..commandline import non_negative_int, positive_int
 from .options import (CommandError, add_generation_arguments, add_model_arguments, generation_settings,
                       load_from_args, prepare_runtime, run_command, command_main)
 
@@ -69,7 +70,7 @@ def image_size(path) -> tuple[int, int]:
 def prompt_tokens(processor, prompt: str, sizes: list[tuple[int, int]], max_slices: int | None = None) -> int:
     """The length in tokens of ``prompt`` once its ``<image>`` placeholders are expanded for images of ``sizes``
     (``(width, height)`` each): what the processor will make of it, known without decoding any pixel."""
-    ids = processor.tokenizer(prompt)["input_ids"]
+    ids = processor.encode_text(prompt)
     return len(ids) - len(sizes) + sum(processor.num_image_tokens(w, h, max_slices) for w, h in sizes)
 
 
@@ -97,9 +98,9 @@ class _Run:
 
     def jobs(self, questions) -> list[_Job]:
         """The prompts of ``questions`` and their lengths; bad ones rejected."""
-        from .generation import context_limit
+        from ..modeling.context import check_context, context_limit
 
-        limit = context_limit(self.model)
+        limit = context_limit(self.model.config)
         jobs = []
         for q in questions:
             try:
@@ -108,10 +109,7 @@ class _Run:
                 sizes = [image_size(p) for p in q.images]
                 prompt = self.processor.question_prompt(q.text, len(sizes))
                 tokens = prompt_tokens(self.processor, prompt, sizes, self.args.max_slices)
-                if limit is not None and tokens + self.settings.max_new_tokens > limit:
-                    raise ValueError(f"too long: the prompt is {tokens} tokens and up to "
-                                     f"{self.settings.max_new_tokens} new tokens would follow, past the model's "
-                                     f"context of {limit} tokens")
+                check_context([tokens], self.settings.max_new_tokens, limit)  # before its images are decoded
             except ValueError as e:
                 self.reject(q, str(e))
                 continue
@@ -172,7 +170,7 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                              '"model_id", "metadata"}; an existing file is resumed')
     parser.add_argument("--image-folder", default=None,
                         help="folder the questions' image paths are relative to (default: the input file's folder)")
-    parser.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
+    parser.add_argument("--batch-tokens", type=positive_int, default=DEFAULT_BATCH_TOKENS,
                         help="most prompt tokens (visual tokens included) per batch; a longer prompt goes alone "
                              f"(default {DEFAULT_BATCH_TOKENS})")
     parser.add_argument("--skip-bad", action="store_true",
@@ -180,9 +178,10 @@ def add_infer_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                              "instead of stopping at the first")
     parser.add_argument("--model-id", default=None,
                         help="the model_id written with each answer (default: the model folder's name)")
-    parser.add_argument("--num-chunks", type=int, default=1, help="split the questions into this many consecutive "
+    parser.add_argument("--num-chunks", type=positive_int, default=1,
+                        help="split the questions into this many consecutive "
                                                                   "parts, as LLaVA's evaluation scripts do")
-    parser.add_argument("--chunk-idx", type=int, default=0, help="the part this run answers (0-based)")
+    parser.add_argument("--chunk-idx", type=non_negative_int, default=0, help="the part this run answers (0-based)")
     add_model_arguments(parser)
     add_generation_arguments(parser, DEFAULT_MAX_NEW_TOKENS)
     return parser
@@ -192,8 +191,6 @@ def _infer(args) -> int:
     from .questions import AnswersFileError, chunk, read_answers, read_questions, sort_answers
 
     settings = generation_settings(args)
-    if args.batch_tokens < 1 or args.num_chunks < 1:
-        raise CommandError("--batch-tokens and --num-chunks must be >= 1")
     if not 0 <= args.chunk_idx < args.num_chunks:
         raise CommandError(f"--chunk-idx must lie in 0..{args.num_chunks - 1}, got {args.chunk_idx}")
     if not Path(args.input).is_file():

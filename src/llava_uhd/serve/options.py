@@ -15,6 +15,8 @@ import logging
 import sys
 from collections.abc import Callable
 
+from ..commandline import CommandParser, check_device, exit_quietly_on_closed_pipe, positive_int
+
 __all__ = ["CommandError", "add_model_arguments", "add_generation_arguments", "generation_settings",
            "load_from_args", "prepare_runtime", "run_command", "command_main", "DTYPE_CHOICES", "NANO_NOTE"]
 
@@ -42,19 +44,21 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", default="none", choices=("none", "int8"),
                         help="int8: the LLM's and the projector's linear layers in int8 (torchao; CPU inference: "
                              "less memory, see the README for speed)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--max-slices", type=int, default=None, help="slice cap per image (default: the model's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--max-slices", type=positive_int, default=None,
+                        help="slice cap per image (default: the model's)")
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
     """``--max-new-tokens``, ``--temperature``, ``--top-p``, ``--num-beams``, ``--seed``."""
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+    parser.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens,
                         help=f"longest answer in tokens (default {max_new_tokens})")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="sampling temperature; 0 (the default) decodes greedily")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep the most likely tokens "
                                                                    "up to this probability (with --temperature > 0)")
-    parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: none)")
+    parser.add_argument("--num-beams", type=positive_int, default=1,
+                        help="beam search with this many beams (default 1: none)")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling, for reproducible answers")
 
 
@@ -63,10 +67,6 @@ def generation_settings(args):
     impossible values)."""
     from .generation import GenerationSettings
 
-    if args.max_slices is not None and args.max_slices < 1:
-        raise CommandError("--max-slices must be >= 1")
-    if args.threads is not None and args.threads < 1:
-        raise CommandError("--threads must be >= 1")
     try:
         return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                   num_beams=args.num_beams, seed=args.seed)
@@ -88,26 +88,16 @@ def prepare_runtime(args) -> None:
         torch.set_num_threads(args.threads)
 
 
-def _check_device(device: str) -> None:
-    import torch
-
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, ValueError):
-        raise CommandError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise CommandError(f"--device {device}: CUDA is not available here (use --device cpu)")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise CommandError(f"--device {device}: MPS is not available here (use --device cpu)")
-
-
 def load_from_args(args, prog: str, log: Callable[[str], None] | None = None):
     """`load_model` for the parsed options, its failures as `CommandError`; once the built-in nano model is
     loaded, a one-line notice on stderr says what it knows and points to ``--model``."""
     from ..nano.checkpoint import WEIGHTS_DIR, NanoWeightsMissing
     from .loading import load_model
 
-    _check_device(args.device)
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        raise CommandError(str(e)) from None
     try:
         loaded = load_model(args.model, args.cache, args.device, log=log, dtype=args.dtype, quantize=args.quantize)
     except NanoWeightsMissing:
@@ -134,10 +124,11 @@ def command_main(prog: str, doc: str, add_arguments: Callable[[argparse.Argument
                  run: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:
     """A serving command as its own program (``python -m llava_uhd.serve.ask ...``): its parser (description from
     the module's docstring, the nano model's note as epilog) and ``run`` on the parsed ``argv``."""
-    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0],
+    parser = CommandParser(prog=prog, description=doc.split("\n")[0],
                                      epilog=f"Note: {NANO_NOTE}; pass --model DIR for a real checkpoint.")
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    return exit_quietly_on_closed_pipe(lambda: run(args))
 
 
 def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

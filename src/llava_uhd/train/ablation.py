@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..commandline import non_negative_int, positive_float, positive_int
 from ..data.probes import ALL_KINDS, FINE_KINDS, SyntheticDataSettings, make_samples
 from ..eval.reporting import accuracy_table, markdown_table, pct, text_table
 from ..runinfo import machine
@@ -492,22 +493,29 @@ def add_ablate_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     """Add the ``llava-uhd ablate`` options to ``parser``."""
     d = AblationSettings()
     parser.add_argument("--out", default="ablation", help="output folder (default ./ablation)")
-    parser.add_argument("--train-samples", type=int, default=None, help=f"training samples (default {d.train_samples})")
-    parser.add_argument("--eval-samples", type=int, default=None, help=f"held-out samples (default {d.eval_samples})")
-    parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps per variant (default {d.steps})")
-    parser.add_argument("--batch-size", type=int, default=None, help=f"batch size (default {d.batch_size})")
-    parser.add_argument("--lr", type=float, default=None, help=f"learning rate (default {d.learning_rate:g})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data, weights and order (default 0)")
-    parser.add_argument("--eval-seed", type=int, default=None, help="seed of the held-out set (default seed + 1)")
+    parser.add_argument("--train-samples", type=positive_int, default=None,
+                        help=f"training samples (default {d.train_samples})")
+    parser.add_argument("--eval-samples", type=positive_int, default=None,
+                        help=f"held-out samples (default {d.eval_samples})")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help=f"optimizer steps per variant (default {d.steps})")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help=f"batch size (default {d.batch_size})")
+    parser.add_argument("--lr", type=positive_float, default=None, help=f"learning rate (default {d.learning_rate:g})")
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="seed of the data, weights and order (default 0)")
+    parser.add_argument("--eval-seed", type=non_negative_int, default=None,
+                        help="seed of the held-out set (default seed + 1)")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None, metavar="VARIANT",
                         help=f"variants to run (default all: {', '.join(VARIANTS)})")
     parser.add_argument("--kinds", nargs="+", choices=ALL_KINDS, default=None, metavar="KIND",
                         help=f"question kinds (default: {', '.join(d.kinds)})")
     parser.add_argument("--resampler-type", choices=["perceiver", "spatial"], default=None,
                         help=f"resampler kind (default {d.resampler_type})")
-    parser.add_argument("--num-queries", type=int, default=None, help=f"resampler queries (default {d.num_queries})")
-    parser.add_argument("--max-side", type=int, default=None, help=f"longest image side (default {d.max_side})")
-    parser.add_argument("--threads", type=int, default=None, help=f"torch threads (default {d.threads})")
+    parser.add_argument("--num-queries", type=positive_int, default=None,
+                        help=f"resampler queries (default {d.num_queries})")
+    parser.add_argument("--max-side", type=positive_int, default=None,
+                        help=f"longest image side (default {d.max_side})")
+    parser.add_argument("--threads", type=positive_int, default=None, help=f"torch threads (default {d.threads})")
     parser.add_argument("--quick", action="store_true",
                         help="a 1-2 minute smoke run (a few dozen samples, a handful of steps)")
     parser.add_argument("--no-progress", action="store_true", help="no progress output")

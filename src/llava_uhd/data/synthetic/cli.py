@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from ...commandline import non_negative_int, positive_float, positive_int
 from .dataset import generate_dataset, load_records
 from .vocabulary import KINDS, SHORT_ANSWER_PROMPT
 
@@ -21,18 +22,21 @@ __all__ = ["add_synth_arguments", "run_synth"]
 def add_synth_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``llava-uhd synth`` options to ``parser`` (for the CLI)."""
     parser.add_argument("--out", required=True, help="output folder (images/ and synthetic.json[l] are written there)")
-    parser.add_argument("--n", type=int, default=100, help="number of samples (default 100)")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
+    parser.add_argument("--n", type=positive_int, default=100, help="number of samples (default 100)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="dataset seed (default 0)")
     parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=None, metavar="KIND",
                         help=f"question kinds to draw from (default all: {', '.join(KINDS)})")
-    parser.add_argument("--min-side", type=int, default=64, help="shortest image side in pixels (default 64, >= 32)")
-    parser.add_argument("--max-side", type=int, default=2000, help="longest image side in pixels (default 2000)")
-    parser.add_argument("--max-aspect", type=float, default=6.0, help="largest aspect ratio, either way (default 6)")
+    parser.add_argument("--min-side", type=positive_int, default=64,
+                        help="shortest image side in pixels (default 64, >= 32)")
+    parser.add_argument("--max-side", type=positive_int, default=2000,
+                        help="longest image side in pixels (default 2000)")
+    parser.add_argument("--max-aspect", type=positive_float, default=6.0,
+                        help="largest aspect ratio, either way (default 6)")
     parser.add_argument("--format", choices=["json", "jsonl"], default="json",
                         help="annotations as one JSON list (LLaVA) or JSON lines (default json)")
     parser.add_argument("--image-format", choices=["png", "jpg"], default="png",
                         help="png (exact colours; default) or jpg (lossy)")
-    parser.add_argument("--workers", type=int, default=1, help="threads encoding images (default 1)")
+    parser.add_argument("--workers", type=positive_int, default=1, help="threads encoding images (default 1)")
     parser.add_argument("--no-answer-prompt", action="store_true",
                         help=f"do not append {SHORT_ANSWER_PROMPT!r} to the questions")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,0 +1,122 @@
+"""What every ``llava-uhd`` command checks before it starts work, and how it ends when its reader goes away.
+
+    parser = CommandParser(prog="llava-uhd x")               # a usage error: one line on stderr, exit status 2
+    parser.add_argument("--threads", type=positive_int)      # "-1": "... argument --threads: must be >= 1, got -1"
+    parser.add_argument("--out", type=output_file)           # the folder it goes in must exist
+    check_device("cuda")                                     # ValueError naming the device, before a model loads
+    require_extra("train")                                   # ValueError naming the extra and the pip command
+    return exit_quietly_on_closed_pipe(lambda: run(args))    # `llava-uhd slice x.png | head` ends without a trace
+
+Light to import (the standard library only): `check_device` imports torch when it is called.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["CommandParser", "positive_int", "non_negative_int", "positive_float", "output_file", "check_device", "EXTRAS",
+           "require_extra", "exit_quietly_on_closed_pipe"]
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An `argparse.ArgumentParser` whose usage errors are one line on stderr (the problem and where the usage
+    is), exit status 2; its subparsers are of the same class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1 (counts, sizes, threads)."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 0 (indices, optional step counts where 0 means none)."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite number > 0 (rates, budgets in seconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def output_file(text: str) -> str:
+    """An argparse ``type``: a file to write, checked before any work: its folder exists and it is not a folder."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name")
+    folder = path.parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: the folder '{folder}' does not exist")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: the folder '{folder}' is not writable")
+    return text
+
+
+def check_device(device: str) -> str:
+    """``device`` if torch can use it here, else a `ValueError` saying why (checked before a model is loaded)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here (use --device cpu)")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here (use --device cpu)")
+    return device
+
+
+# the modules each optional extra of pyproject.toml installs (import names; tests/test_commandline.py checks that
+# this agrees with pyproject.toml)
+EXTRAS = {
+    "torch": ("torch",),
+    "nano": ("torch", "onnx", "gguf", "accelerate", "peft"),
+    "train": ("torch", "accelerate", "peft", "datasets", "matplotlib", "yaml", "gguf"),
+}
+
+
+def require_extra(extra: str) -> None:
+    """A `ValueError` naming the missing modules and the pip command unless ``extra``'s modules are installed."""
+    missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"needs the '{extra}' extra (not installed: {', '.join(missing)}): "
+                         f"pip install 'llava-uhd[{extra}]'")
+
+
+def exit_quietly_on_closed_pipe(run: Callable[[], int]) -> int:
+    """``run()``'s status; when stdout's reader has gone (``| head``), status 141 (128 + SIGPIPE, what a killed
+    pipeline member reports) and no `BrokenPipeError` traceback, now or when Python flushes stdout at exit."""
+    try:
+        code = run()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
