@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TINY_SLICE, build_tiny, build_tiny_tokenizer, random_image
 
-from llava_uhd.data.llava_data import DataCollatorForLlavaUHD, LazySupervisedDataset
+from llava_uhd.data.llava_data import DataCollatorForLlavaUHD, DataError, LazySupervisedDataset
 from llava_uhd.data.sampler import (LengthGroupedSampler, get_length_grouped_indices,
                                     get_modality_length_grouped_indices)
 from llava_uhd.data.templates import tokenize_conversation
@@ -261,7 +261,7 @@ def test_truncation_cuts_before_an_image_block_never_inside(proc, images):
     assert s["pixel_values"].shape[0] == int(s["patch_grid_hw"].prod(-1).sum())
     assert sum(proc.tokens_per_crop(g) for g in s["patch_grid_hw"]) == 4
     assert labelled_runs(proc.tokenizer, s["labels"].tolist()) == [" red</s>"]
-    assert ds.stats == {"truncated": 1, "skipped_too_long": 0, "skipped_bad_image": 0}
+    assert ds.stats == {"truncated": 1, "skipped_too_long": 0, "skipped_bad_image": 0, "skipped_bad_record": 0}
     ds[0]
     assert ds.stats["truncated"] == 1  # counted once per record
 
@@ -278,7 +278,7 @@ def test_too_long_without_a_surviving_answer_is_skipped_and_counted(proc, images
     max_length = ids.index(proc.image_token_id) + 10  # inside the only image block, before the answer
     ds = LazySupervisedDataset([record], proc, image_folder=images, max_length=max_length)
     assert ds[0] is None
-    assert ds.stats == {"truncated": 0, "skipped_too_long": 1, "skipped_bad_image": 0}
+    assert ds.stats == {"truncated": 0, "skipped_too_long": 1, "skipped_bad_image": 0, "skipped_bad_record": 0}
     assert ds.skipped[0]["id"] == "long" and ds.skipped[0]["kind"] == "too_long"
     assert "skipped (too long) 1" in ds.summary()
     collator = DataCollatorForLlavaUHD(proc)
@@ -322,6 +322,72 @@ def test_skip_bad_images_counts_and_reports(proc, images):
     assert [d["id"] for d in found] == ["gone", "cut"]
     assert len(ds) == 2 and len(ds.lengths) == 2 and ds.stats["skipped_bad_image"] == 2
     assert all(ds[i] is not None for i in range(len(ds)))
+
+
+@pytest.mark.parametrize("turns, match", [
+    ([human("What?"), gpt("")], "turn 1: empty gpt answer"),
+    ([human("What?"), gpt(" \n ")], "turn 1: empty gpt answer"),
+    ([human("What?"), gpt("red"), human("And?")], "turn 2: the conversation ends on a human turn"),
+])
+def test_empty_answer_or_trailing_question_is_an_error_or_a_counted_skip(proc, turns, match):
+    records = [RECORDS[1], {"id": "bad", "conversations": turns}, RECORDS[1]]
+    with pytest.raises(DataError, match=r"^record 1 \(id 'bad'\): " + match):
+        LazySupervisedDataset(records, proc)
+    ds = LazySupervisedDataset(records, proc, skip_bad_records=True)
+    assert len(ds) == 2 and all(ds[i] is not None for i in range(2))
+    assert ds.stats["skipped_bad_record"] == 1
+    assert [(d["index"], d["id"], d["kind"]) for d in ds.skipped] == [(1, "bad", "bad_record")]
+    assert match.split(": ")[-1] in ds.skipped[0]["reason"] and "record 1" not in ds.skipped[0]["reason"]
+    assert "skipped (bad record) 1" in ds.summary()
+
+
+def test_errors_name_the_data_file_and_the_record_once(proc, images, tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([RECORDS[1], {"id": "bad", "conversations": [human("What?"), gpt("")]}]))
+    with pytest.raises(DataError) as error:
+        LazySupervisedDataset(path, proc)
+    assert str(error.value) == f"{path}, record 1 (id 'bad'): turn 1: empty gpt answer"
+    missing = {"id": "gone", "image": "missing.png", "conversations": [human("<image>"), gpt("x")]}
+    path.write_text(json.dumps([RECORDS[1], missing]))
+    ds = LazySupervisedDataset(path, proc, image_folder=images)
+    with pytest.raises(FileNotFoundError) as error:  # a DataError too
+        ds.prepare()  # fail fast: found before training, not when the batch comes
+    assert isinstance(error.value, DataError) and "\n" not in str(error.value)
+    assert str(error.value).count("record 1") == 1 and "missing.png" in str(error.value)
+    (tmp_path / "hello.png").write_bytes(b"hello")
+    path.write_text(json.dumps([{"id": "hello", "image": "hello.png", "conversations": [human("<image>"), gpt("x")]}]))
+    with pytest.raises(DataError) as error:
+        LazySupervisedDataset(path, proc, image_folder=tmp_path).prepare()
+    message = str(error.value)
+    assert message.startswith(f"{path}, record 0 (id 'hello'): image 0 (") and "not an image" in message
+    assert message.count("hello.png") == 1 and message.count("record") == 1
+
+
+def test_prepare_decides_every_skip_up_front(proc, images):
+    """Too-long samples leave the index (never a None sample, so never an empty batch); truncations are counted
+    before any sample is read; the lengths are the exact token counts of the samples."""
+    long_question = {"id": "long_q", "image": "a.png", "conversations": [human("<image>\n" + "What colour? " * 60),
+                                                                         gpt("red")]}
+    long_answer = {"id": "long_a", "conversations": [human("What?"), gpt("red green blue " * 60)]}
+    bad = {"id": "cut", "image": "cut.jpg", "conversations": [human("<image>"), gpt("x")]}
+    records = [RECORDS[0], long_question, RECORDS[1], bad, long_answer, RECORDS[2]]
+    full = [len(s["input_ids"]) for s in (LazySupervisedDataset(RECORDS, proc, image_folder=images)[i]
+                                         for i in range(3))]
+    max_length = max(full) + 5
+    ds = LazySupervisedDataset(records, proc, image_folder=images, max_length=max_length, skip_bad_images=True)
+    skipped = ds.prepare()
+    assert [(d["id"], d["kind"]) for d in skipped] == [("long_q", "too_long"), ("cut", "bad_image")]
+    assert ds.stats == {"truncated": 1, "skipped_too_long": 1, "skipped_bad_image": 1, "skipped_bad_record": 0}
+    samples = [ds[i] for i in range(len(ds))]
+    assert len(ds) == 4 and all(s is not None for s in samples)
+    assert [s["sample_id"] for s in samples] == ["cap", "text", "long_a", "multi"]
+    assert ds.lengths == [len(s["input_ids"]) for s in samples]
+    assert ds.lengths[2] == max_length
+    assert [v > 0 for v in ds.modality_lengths] == [True, False, False, True]
+    assert ds.stats["truncated"] == 1  # reading the samples counts nothing twice
+    # a batch of only the too-long sample cannot happen any more
+    batch = DataCollatorForLlavaUHD(proc)([ds[i] for i in range(len(ds))])
+    assert batch["input_ids"].shape[0] == 4
 
 
 # ------------------------------------------------------------------------------------------ collator

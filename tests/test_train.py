@@ -181,3 +181,139 @@ def test_config_file_and_errors(workspace, tmp_path):
     bad[1] = str(tmp_path)
     with pytest.raises(ValueError, match="no config.json"):
         train(*parse_train_args(bad))
+
+
+# ------------------------------------------------------------------------------------------ skipped samples
+def write_data(ws, path: Path, *extra_records) -> Path:
+    """4 good records of the workspace plus ``extra_records``, as a JSON file."""
+    records = json.loads((ws / "data.json").read_text())[:4] + list(extra_records)
+    path.write_text(json.dumps(records))
+    return path
+
+
+def run_summary(ws, out, data, *extra):
+    args = common_args(ws, out, "--stage", "2", "--num_train_epochs", "1", "--save_strategy", "no", *extra)
+    args[args.index("--data") + 1] = str(data)
+    return train(*parse_train_args(args))
+
+
+BAD_IMAGE = {"id": "gone", "image": "missing.png",
+             "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]}
+
+
+def too_long(rid: str) -> dict:
+    """A question so long that no answer token fits in 256 tokens."""
+    return {"id": rid, "image": "0.png", "conversations": [
+        {"from": "human", "value": "<image>\n" + "What colour is the shape? " * 30}, {"from": "gpt", "value": "red"}]}
+
+
+def test_a_batch_of_one_bad_image_is_skipped_not_fatal(workspace, tmp_path):
+    data = write_data(workspace, tmp_path / "d.json", BAD_IMAGE)
+    summary = run_summary(workspace, tmp_path / "o", data, "--per_device_train_batch_size", "1",
+                          "--skip_bad_images", "true")
+    assert summary["steps"] == 4  # the bad record left the data before batching
+    assert "skipped bad image: 1" in summary["skipped"]
+    assert "'gone'" in summary["data"] and "missing.png" in summary["data"]
+    listed = [json.loads(line) for line in Path(summary["skipped_file"]).read_text().splitlines()]
+    assert [(d["index"], d["id"], d["kind"]) for d in listed] == [(4, "gone", "bad_image")]
+
+
+def test_two_too_long_samples_grouped_by_length_are_skipped_not_fatal(workspace, tmp_path):
+    data = write_data(workspace, tmp_path / "d.json", too_long("long1"), too_long("long2"))
+    summary = run_summary(workspace, tmp_path / "o", data, "--per_device_train_batch_size", "2",
+                          "--group_by_length", "true", "--max_length", "256")
+    assert summary["steps"] == 2
+    assert "skipped too long: 2" in summary["skipped"]
+
+
+def test_summary_counts_what_dataloader_workers_read(workspace, tmp_path):
+    long_answer = {"id": "long_a", "conversations": [{"from": "human", "value": "What?"},
+                                                     {"from": "gpt", "value": "red green blue " * 60}]}
+    data = write_data(workspace, tmp_path / "d.json", BAD_IMAGE, too_long("long1"), long_answer)
+    summary = run_summary(workspace, tmp_path / "o", data, "--per_device_train_batch_size", "1",
+                          "--skip_bad_images", "true", "--max_length", "256", "--dataloader_num_workers", "1")
+    assert summary["steps"] == 5
+    assert summary["skipped"] == "truncated: 1; skipped too long: 1; skipped bad image: 1"
+
+
+# ------------------------------------------------------------------------------------------ the command
+def test_bad_data_is_one_line_exit_2_before_the_model_loads(workspace, tmp_path, monkeypatch, capsys):
+    from llava_uhd.cli import main
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(LlavaUHDForConditionalGeneration, "from_pretrained", no_model)
+    empty = {"id": "bad", "conversations": [{"from": "human", "value": "What?"}, {"from": "gpt", "value": " "}]}
+    data = write_data(workspace, tmp_path / "d.json", empty)
+    args = common_args(workspace, tmp_path / "o")
+    args[args.index("--data") + 1] = str(data)
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"llava-uhd train: {data}, record 4 (id 'bad'): turn 1: empty gpt answer"]
+    # with the flag it is a counted skip instead (and then the model loads: here, the patched loader fails)
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        main(["train", *args, "--skip_bad_records", "true"])
+
+
+def test_an_image_that_fails_while_training_is_one_line_too(workspace, tmp_path, capsys):
+    """A file whose header reads but whose data is cut passes the up-front checks; without --skip_bad_images it
+    stops the run when a dataloader worker reads it: the last line says so, no traceback."""
+    from llava_uhd.cli import main
+
+    (tmp_path / "cut.png").write_bytes((workspace / "imgs" / "0.png").read_bytes()[:200])
+    cut = {"id": "cut", "image": str(tmp_path / "cut.png"),
+           "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]}
+    data = write_data(workspace, tmp_path / "d.json", cut)
+    args = common_args(workspace, tmp_path / "o", "--dataloader_num_workers", "1", "--save_strategy", "no")
+    args[args.index("--data") + 1] = str(data)
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err  # after the model loading and progress lines
+    assert "Traceback" not in err and "DataLoader worker" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"llava-uhd train: {data}, record 4 (id 'cut'): image 0 (") and last.count("cut.png") == 1
+
+
+def test_missing_data_file_and_bad_options_are_one_line_errors(workspace, tmp_path, capsys):
+    from llava_uhd.cli import main
+
+    args = common_args(workspace, tmp_path / "o")
+    args[args.index("--data") + 1] = str(tmp_path / "nope.json")
+    assert main(["train", *args]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"llava-uhd train: {tmp_path / 'nope.json'}: no such data file or directory"]
+    assert main(["train", "--output", str(tmp_path / "o"), "--use_cpu", "true"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "llava-uhd train: --data is required (LLaVA JSON / JSONL or a saved datasets folder)"]
+    for argv, what in ((["--config", str(tmp_path / "nope.yaml")], "nope.yaml"),
+                       (["--max_length", "abc"], "--max_length"), (["--nope", "1"], "unknown option(s): --nope 1")):
+        assert main(["train", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("llava-uhd train: ") and what in err[0], err
+    # backbones that cannot be read: one line, before the data is tokenized or a model loads
+    broken = tmp_path / "broken_model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    args = common_args(workspace, tmp_path / "o")
+    args[args.index("--model") + 1] = str(broken)
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("llava-uhd train: cannot load the processor: "), err
+
+
+def test_help_is_short_and_help_all_lists_every_trainer_option():
+    def helped(flag):
+        run = subprocess.run(cli(flag), capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        return run.stdout
+
+    short = helped("--help")
+    assert short.startswith("usage: llava-uhd train")
+    assert len(short.splitlines()) < 120
+    for option in ("--config", "--output", "--model", "--vision", "--data", "--skip_bad_images", "--skip_bad_records",
+                   "--stage", "--lora", "--help-all"):
+        assert option in short, option
+    assert "--adam_beta1" not in short
+    full = helped("--help-all")
+    assert full.startswith("usage: llava-uhd train")
+    assert "--learning_rate" in full and "--adam_beta1" in full and "--skip_bad_records" in full

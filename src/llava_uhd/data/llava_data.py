@@ -1,20 +1,10 @@
 """LLaVA-format training data for LLaVA-UHD: `LazySupervisedDataset` and `DataCollatorForLlavaUHD`.
 
-Inputs (``records_or_path``), the formats LLaVA users already have:
-
-- a ``.json`` file holding a list of records (LCS-558K pretraining captions, the 665K instruction mixture), a
-  ``.jsonl`` file with one record per line, a list of record dicts, a `datasets.Dataset` with the same columns, or
-  a directory written by ``Dataset.save_to_disk`` (loaded with ``datasets.load_from_disk``; a ``DatasetDict`` must
-  hold a single split).
-- a record is ``{"id": ..., "image": "a.jpg" | ["a.jpg", "b.jpg"] (optional), "conversations": [{"from": "human" |
-  "gpt" | "system", "value": str}, ...]}`` (``"user"`` / ``"assistant"`` and ``"role"`` / ``"content"`` keys are
-  accepted too). Each image has one ``<image>`` placeholder (the processor's ``image_token``) in a human turn, in
-  reading order; text-only records have no ``"image"`` (or ``None`` / ``[]``). Relative image paths are resolved
-  against ``image_folder`` (the current directory when None); PIL images in the column are used as they are.
-
-Malformed records (unknown role, empty conversation, turns not alternating human/gpt, ``<image>`` count different
-from the number of images, ``<image>`` in an answer, ...) raise a `ValueError` naming the record's index and id; they
-are checked when the dataset is built (``validate=True``) and again when read.
+Inputs: LLaVA JSON / JSONL files, lists of records, `datasets` tables or ``save_to_disk`` folders, read and checked
+by `llava_uhd.data.records` (the formats, what makes a record malformed, `DataError`). Every record is checked when
+the dataset is built (``validate=True``) and again when read; a malformed one is a `DataError` naming the data file,
+the record's index and id and the problem, or, with ``skip_bad_records=True``, a skipped record (counted in
+``stats["skipped_bad_record"]``, listed in ``dataset.skipped``, logged).
 
 Each ``<image>`` is expanded into the exact LLaVA-UHD layout by the `LlavaUHDProcessor` (`image_layouts`: slices
 row-major with the tokenizer's "," / "\\n" separators, then the overview); labels are ``-100`` over all of it.
@@ -26,190 +16,61 @@ pixels (no partial image block, ever; the packed image fields keep only the imag
 truncated sample is kept if at least one trained label survives (at a position > 0: the label at position 0 is
 never predicted); otherwise it is skipped. Counted in ``stats["truncated"]`` / ``stats["skipped_too_long"]``.
 
-Bad images: a missing file raises `FileNotFoundError`, an unreadable / truncated / non-image file a `ValueError`,
-both naming the file, the record index and the id. With ``skip_bad_images=True`` the sample is skipped instead,
-counted in ``stats["skipped_bad_image"]``, listed in ``dataset.skipped`` and logged (a warning naming the file).
-Never a silent substitution: a skipped sample is never replaced by another one.
+Bad images: a missing file raises `MissingFileError` (a `FileNotFoundError`), an unreadable / truncated / non-image
+file a `DataError` (a `ValueError`), both naming the file, the record index and the id. With
+``skip_bad_images=True`` the sample is skipped instead, counted in ``stats["skipped_bad_image"]``, listed in
+``dataset.skipped`` and logged (a warning naming the file). Never a silent substitution: a skipped sample is never
+replaced by another one.
 
-How skipping works in a map-style dataset: ``__getitem__`` returns ``None`` for a skipped sample (too long or, with
-``skip_bad_images``, a bad image) and `DataCollatorForLlavaUHD` drops ``None`` samples, counting them in
-``collator.skipped``; the batch is just smaller. A batch whose samples were all skipped raises a `ValueError` (an
-empty batch cannot be trained on). To avoid that, or to learn of every bad file before training, call
-``dataset.scan_images()`` first: it decodes every image once and removes the bad records from the dataset
-(counted the same way), or raises listing them without ``skip_bad_images``. Counters are per process: with
-``DataLoader(num_workers > 0)`` the dataset and the collator run in worker processes, so their counters stay there;
-the per-sample warnings still reach the log, and ``scan_images()`` (run in the main process) gives exact counts.
+Skipping before training (`prepare`, what ``llava-uhd train`` does): every skip is decided once, up front, in the
+calling process, and the skipped records leave the dataset's index, so no batch can lose a sample. `prepare` drops
+malformed records (``skip_bad_records``), decodes every image once with ``skip_bad_images`` (`scan_images`) or else
+reads each image's header (a missing or unreadable one is an error now, not in the middle of training), tokenizes
+every record and expands its images from their header sizes to find its exact length: records with no answer
+token before the cut are dropped, the ones that will be cut are counted as truncated. The counts are then exact
+whatever reads the samples later (``DataLoader`` worker processes keep their own copy of the counters, which the
+main process never sees). Costs one tokenization of the data (about 0.5 ms a record on one CPU core) and one
+header read per image, or one decode per image with ``skip_bad_images``.
+
+Skipping while reading (a dataset used without `prepare`, or an image that goes bad after it): ``__getitem__``
+returns ``None`` for a skipped sample (too long or, with ``skip_bad_images``, a bad image) and
+`DataCollatorForLlavaUHD` drops ``None`` samples, counting them in ``collator.skipped``; the batch is just smaller.
+A batch whose samples were all skipped raises a `DataError` (an empty batch cannot be trained on).
 ``dataset.summary()`` / ``collator.summary()`` report the counts.
 
-``lengths`` / ``modality_lengths`` (for `llava_uhd.data.sampler.LengthGroupedSampler`) are cheap estimates, computed
-once and cached: the number of whitespace-separated words of the text that is tokenized (for ``plain`` only the
-caption) plus, for each image, its exact LLaVA-UHD token count from the slicing plan of its size. The size comes from
-the image header (``PIL.Image.open(...).size``, nothing decoded); an image whose header cannot be read counts as one
-crop (bad images are reported when the sample is read, not here). EXIF rotation is ignored: the plan of an
-``H x W`` image is the transpose of that of ``W x H``, same token count. ``modality_lengths`` follows LLaVA: positive
-for samples with images, negative for text-only ones (never 0).
+``lengths`` / ``modality_lengths`` (for `llava_uhd.data.sampler.LengthGroupedSampler`): after `prepare`, the exact
+token count of each sample (after its cut). Before, cheap estimates, computed once and cached: the number of
+whitespace-separated words of the text that is tokenized (for ``plain`` only the caption) plus, for each image, its
+exact LLaVA-UHD token count from the slicing plan of its size; an image whose header cannot be read counts as one
+crop (bad images are reported when the sample is read, not here). Image sizes come from the header
+(``PIL.Image.open(...).size``, nothing decoded). EXIF rotation is ignored: the plan of an ``H x W`` image is the
+transpose of that of ``W x H``, same token count. ``modality_lengths`` follows LLaVA: positive for samples with
+images, negative for text-only ones (never 0).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .records import DataError, MissingFileError, Record, load_records, parse_record, record_name
 from .templates import IGNORE_INDEX, TEMPLATES, tokenize_conversation
 
-__all__ = ["LazySupervisedDataset", "DataCollatorForLlavaUHD", "Record", "load_records", "parse_record",
-           "IMAGE_FIELDS"]
+__all__ = ["LazySupervisedDataset", "DataCollatorForLlavaUHD", "DataError", "MissingFileError", "Record",
+           "load_records", "parse_record", "IMAGE_FIELDS"]
 
 logger = logging.getLogger(__name__)
 
 IMAGE_FIELDS = ("pixel_values", "patch_grid_hw", "crop_image_ids", "crop_is_overview", "image_layout", "image_sizes")
 
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-# ------------------------------------------------------------------------------------------------ records
-@dataclass
-class Record:
-    """One parsed, checked record."""
-
-    index: int
-    id: Any
-    images: list = field(default_factory=list)  # resolved paths (str) or PIL images
-    turns: list[dict] = field(default_factory=list)  # {"role": "system" | "user" | "assistant", "content": str}
-
-    @property
-    def name(self) -> str:
-        return f"record {self.index}" + (f" (id {self.id!r})" if self.id is not None else "")
-
-
-def _name(index: int, raw: Any) -> str:
-    rid = raw.get("id") if isinstance(raw, dict) else None
-    return f"record {index}" + (f" (id {rid!r})" if rid is not None else "")
-
-
-def parse_record(raw: Any, index: int, image_token: str = "<image>", image_folder: str | os.PathLike | None = None
-                 ) -> Record:
-    """Check one LLaVA record and normalize it; a `ValueError` naming the record says what is wrong."""
-    where = _name(index, raw)
-
-    def bad(what: str) -> ValueError:
-        return ValueError(f"{where}: {what}")
-
-    if not isinstance(raw, dict):
-        raise bad(f"expected a dict, got {type(raw).__name__}")
-    conversations = raw.get("conversations")
-    if conversations is None:
-        raise bad("no 'conversations'")
-    if not isinstance(conversations, (list, tuple)):
-        raise bad(f"'conversations' must be a list, got {type(conversations).__name__}")
-    if len(conversations) == 0:
-        raise bad("empty conversations")
-    turns = []
-    for k, turn in enumerate(conversations):
-        if not isinstance(turn, dict):
-            raise bad(f"turn {k} is not a dict")
-        role = turn.get("from", turn.get("role"))
-        value = turn.get("value", turn.get("content"))
-        if role not in _ROLES:
-            raise bad(f"turn {k} has unknown role {role!r} (expected 'human', 'gpt' or 'system')")
-        if not isinstance(value, str):
-            raise bad(f"turn {k} has no text value (got {type(value).__name__})")
-        role = _ROLES[role]
-        if role == "system" and k != 0:
-            raise bad(f"turn {k}: a system turn may only come first")
-        if role == "assistant" and image_token in value:
-            raise bad(f"turn {k}: {image_token} in a gpt answer")
-        turns.append({"role": role, "content": value})
-    roles = [t["role"] for t in turns]
-    start = 1 if roles[0] == "system" else 0
-    if len(roles) == start:
-        raise bad("no human or gpt turn")
-    for k in range(start, len(roles)):
-        expected = "user" if (k - start) % 2 == 0 else "assistant"
-        if roles[k] != expected:
-            raise bad(f"turn {k} is from {'human' if roles[k] == 'user' else 'gpt'} but "
-                      f"{'human' if expected == 'user' else 'gpt'} was expected (turns alternate, human first)")
-    if "assistant" not in roles:
-        raise bad("no gpt turn: nothing to train on")
-
-    image = raw.get("image")
-    if image is None:
-        images = []
-    elif isinstance(image, (str, os.PathLike, Image.Image)):
-        images = [image]
-    elif isinstance(image, (list, tuple)):
-        images = list(image)
-    else:
-        raise bad(f"'image' must be a path or a list of paths, got {type(image).__name__}")
-    resolved = []
-    for j, im in enumerate(images):
-        if isinstance(im, Image.Image):
-            resolved.append(im)
-            continue
-        if not isinstance(im, (str, os.PathLike)) or not os.fspath(im):
-            raise bad(f"image {j} is not a path: {im!r}")
-        path = os.fspath(im)
-        if image_folder is not None and not os.path.isabs(path):
-            path = os.path.join(os.fspath(image_folder), path)
-        resolved.append(path)
-    n_placeholders = sum(t["content"].count(image_token) for t in turns)
-    if n_placeholders != len(resolved):
-        raise bad(f"{n_placeholders} {image_token} placeholder(s) in the text but {len(resolved)} image(s)")
-    return Record(index=index, id=raw.get("id"), images=resolved, turns=turns)
-
-
-def load_records(records_or_path) -> Sequence:
-    """A sequence of raw records from a list, a `datasets.Dataset`, a ``.json`` / ``.jsonl`` file or a
-    ``save_to_disk`` directory."""
-    if isinstance(records_or_path, (str, os.PathLike)):
-        path = Path(records_or_path)
-        if path.is_dir():
-            import datasets
-
-            loaded = datasets.load_from_disk(str(path))
-            if isinstance(loaded, datasets.DatasetDict):
-                if len(loaded) != 1:
-                    raise ValueError(f"{path} holds a DatasetDict with splits {sorted(loaded)}: pass one split "
-                                     "(e.g. load_from_disk(path)['train'])")
-                loaded = next(iter(loaded.values()))
-            return loaded
-        if not path.is_file():
-            raise FileNotFoundError(f"no such data file or directory: '{path}'")
-        if path.suffix == ".jsonl":
-            records = []
-            with open(path, encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            records.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise ValueError(f"{path}, line {line_no}: not valid JSON ({e})") from e
-            return records
-        if path.suffix == ".json":
-            with open(path, encoding="utf-8") as f:
-                try:
-                    records = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: not valid JSON ({e})") from e
-            if not isinstance(records, list):
-                raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
-            return records
-        raise ValueError(f"{path}: expected a .json or .jsonl file or a directory saved with datasets.save_to_disk")
-    if isinstance(records_or_path, (list, tuple)):
-        return list(records_or_path)
-    if hasattr(records_or_path, "__getitem__") and hasattr(records_or_path, "__len__"):  # datasets.Dataset & co.
-        return records_or_path
-    raise TypeError(f"expected records, a path or a datasets.Dataset, got {type(records_or_path).__name__}")
+SKIP_KINDS = ("too_long", "bad_image", "bad_record")
 
 
 # ------------------------------------------------------------------------------------------------ dataset
@@ -218,13 +79,14 @@ class LazySupervisedDataset(Dataset):
 
     Args:
         records_or_path: records, a `datasets.Dataset`, a ``.json`` / ``.jsonl`` file or a ``save_to_disk``
-            directory (see the module docstring).
+            directory (see `llava_uhd.data.records`).
         processor: the `LlavaUHDProcessor` (tokenizer, image processor, token layout).
         template: ``"plain"`` (stage 1), ``"vicuna_v1"`` (stage 2) or ``"chat_template"`` (the tokenizer's own);
             see `llava_uhd.data.templates`.
         image_folder: the folder relative image paths are resolved against.
         max_length: the longest sample in tokens (None: no limit); see the module docstring for the cut rule.
         skip_bad_images: skip (count, report) samples whose images are missing or unreadable instead of raising.
+        skip_bad_records: skip (count, report) malformed records (see `llava_uhd.data.records`) instead of raising.
         max_slices: slice cap for the image processor (None: the processor's).
         validate: check every record's structure when the dataset is built.
 
@@ -244,6 +106,7 @@ class LazySupervisedDataset(Dataset):
         skip_bad_images: bool = False,
         max_slices: int | None = None,
         validate: bool = True,
+        skip_bad_records: bool = False,
     ):
         super().__init__()
         if template not in TEMPLATES:
@@ -251,12 +114,15 @@ class LazySupervisedDataset(Dataset):
         if max_length is not None and max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}")
         self.records = load_records(records_or_path)
+        # the data file, named in every message about one of its records
+        self.source = os.fspath(records_or_path) if isinstance(records_or_path, (str, os.PathLike)) else None
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.template = template
         self.image_folder = image_folder
         self.max_length = max_length
         self.skip_bad_images = bool(skip_bad_images)
+        self.skip_bad_records = bool(skip_bad_records)
         self.max_slices = max_slices
         self.image_token = processor.image_token
         self.image_token_id = processor.image_token_id
@@ -266,28 +132,41 @@ class LazySupervisedDataset(Dataset):
         self._truncated: set[int] = set()
         self._skipped: dict[int, tuple[str, str]] = {}  # record index -> (kind, reason)
         if validate:
+            bad = set()
             for i in self._indices:
-                self.record(i)
+                try:
+                    self.record(i)
+                except DataError as e:
+                    if not self.skip_bad_records:
+                        raise
+                    self._skip(i, "bad_record", e.problem)
+                    bad.add(i)
+            self._drop(bad)
 
     # ------------------------------------------------------------------------------------ records
     def __len__(self) -> int:
         return len(self._indices)
 
     def record(self, index: int) -> Record:
-        """The parsed record at record index ``index`` (raises a `ValueError` naming it if malformed)."""
-        return parse_record(self.records[index], index, self.image_token, self.image_folder)
+        """The parsed record at record index ``index`` (raises a `DataError` naming it if malformed)."""
+        return parse_record(self.records[index], index, self.image_token, self.image_folder, self.source)
+
+    def _drop(self, indices: set[int]) -> None:
+        """Take records out of the dataset (they were skipped); the lengths are measured again when asked."""
+        if indices:
+            self._indices = [i for i in self._indices if i not in indices]
+            self._lengths = self._modality_lengths = None
 
     # ------------------------------------------------------------------------------------ reporting
     @property
     def stats(self) -> dict[str, int]:
         """Records truncated / skipped so far (each record counted once, however often it is read)."""
         kinds = [kind for kind, _ in self._skipped.values()]
-        return {"truncated": len(self._truncated), "skipped_too_long": kinds.count("too_long"),
-                "skipped_bad_image": kinds.count("bad_image")}
+        return {"truncated": len(self._truncated), **{f"skipped_{kind}": kinds.count(kind) for kind in SKIP_KINDS}}
 
     @property
     def skipped(self) -> list[dict]:
-        """Every skipped record: ``{"index", "id", "kind" ("too_long" | "bad_image"), "reason"}``."""
+        """Every skipped record: ``{"index", "id", "kind" ("too_long" | "bad_image" | "bad_record"), "reason"}``."""
         out = []
         for index, (kind, reason) in sorted(self._skipped.items()):
             raw = self.records[index]
@@ -298,33 +177,33 @@ class LazySupervisedDataset(Dataset):
     def summary(self) -> str:
         s = self.stats
         lines = [f"{type(self).__name__}: {len(self)} samples; truncated {s['truncated']}, skipped (too long) "
-                 f"{s['skipped_too_long']}, skipped (bad image) {s['skipped_bad_image']}"]
+                 f"{s['skipped_too_long']}, skipped (bad image) {s['skipped_bad_image']}, skipped (bad record) "
+                 f"{s['skipped_bad_record']}"]
         lines += [f"  skipped record {d['index']} (id {d['id']!r}, {d['kind']}): {d['reason']}" for d in self.skipped]
         return "\n".join(lines)
 
-    def _skip(self, record: Record, kind: str, reason: str) -> None:
-        if record.index not in self._skipped:
-            logger.warning("skipping %s: %s", record.name, reason)
-        self._skipped[record.index] = (kind, reason)
+    def _skip(self, index: int, kind: str, reason: str) -> None:
+        if index not in self._skipped:
+            raw = self.records[index]
+            name = record_name(index, raw.get("id") if isinstance(raw, dict) else None, self.source)
+            logger.warning("skipping %s: %s", name, reason)
+        self._skipped[index] = (kind, reason)
 
     # ------------------------------------------------------------------------------------ images
-    def _check_file(self, record: Record, j: int, image) -> None:
-        if not isinstance(image, Image.Image) and not os.path.isfile(image):
-            raise FileNotFoundError(f"{record.name}: image {j} not found: '{image}'")
-
     def _load_images(self, record: Record):
         for j, image in enumerate(record.images):
-            self._check_file(record, j, image)
+            if not isinstance(image, Image.Image) and not os.path.exists(image):
+                raise record.error(f"image {j} not found: '{image}'", MissingFileError)
         try:
             return self.processor.image_processor(record.images, max_slices=self.max_slices, return_tensors="pt")
         except ValueError as e:  # the image processor names the image ("image j ('path'): reason")
-            raise ValueError(f"{record.name}: {e}") from e
+            raise record.error(str(e)) from e
 
     def scan_images(self, num_threads: int = 8) -> list[dict]:
         """Decode every image once (in threads) before training.
 
         With ``skip_bad_images``, records with a missing or unreadable image are removed from the dataset (counted
-        in ``stats["skipped_bad_image"]``, listed in ``skipped``); without it a `ValueError` lists them all. Returns
+        in ``stats["skipped_bad_image"]``, listed in ``skipped``); without it a `DataError` lists them all. Returns
         the bad records found (``{"index", "id", "kind", "reason"}``). Call it before building the sampler (it
         changes ``len(self)`` and the lengths)."""
         from ..image_io import describe_image, load_rgb
@@ -332,7 +211,7 @@ class LazySupervisedDataset(Dataset):
         def check(i: int):
             record = self.record(i)
             for j, image in enumerate(record.images):
-                if not isinstance(image, Image.Image) and not os.path.isfile(image):
+                if not isinstance(image, Image.Image) and not os.path.exists(image):
                     return record, f"image {j} not found: '{image}'"
                 try:
                     load_rgb(image, self.processor.image_processor.max_pixels)
@@ -345,29 +224,100 @@ class LazySupervisedDataset(Dataset):
         if results and not self.skip_bad_images:
             listing = "\n".join(f"  {rec.name}: {reason}" for rec, reason in results[:50])
             more = f"\n  ... and {len(results) - 50} more" if len(results) > 50 else ""
-            raise ValueError(f"{len(results)} record(s) with bad images (pass skip_bad_images=True to skip them):\n"
-                             f"{listing}{more}")
-        bad = set()
+            raise DataError(f"{len(results)} record(s) with bad images (pass skip_bad_images=True to skip them):\n"
+                            f"{listing}{more}")
         for rec, reason in results:
-            self._skip(rec, "bad_image", reason)
-            bad.add(rec.index)
-        if bad:
-            self._indices = [i for i in self._indices if i not in bad]
-            self._lengths = self._modality_lengths = None
+            self._skip(rec.index, "bad_image", reason)
+        bad = {rec.index for rec, _ in results}
+        self._drop(bad)
         return [d for d in self.skipped if d["index"] in bad]
 
-    # ------------------------------------------------------------------------------------ lengths
+    def _image_size(self, image) -> tuple[int, int]:
+        """``(width, height)``, from the header when Pillow reads it (nothing decoded), else from `load_rgb`, whose
+        `ValueError` says what is wrong with the file in the words every command uses."""
+        if isinstance(image, Image.Image):
+            return image.size
+        try:
+            with Image.open(image) as im:
+                return im.size
+        except Exception:  # unreadable, or over Pillow's own size guard (max_pixels decides, in load_rgb)
+            from ..image_io import load_rgb
+
+            decoded = load_rgb(image, self.processor.image_processor.max_pixels)
+            return decoded.size if isinstance(decoded, Image.Image) else (decoded.shape[1], decoded.shape[0])
+
     def _image_tokens(self, image) -> int:
         try:
-            if isinstance(image, Image.Image):
-                width, height = image.size
-            else:
-                with Image.open(image) as im:  # reads the header only
-                    width, height = im.size
+            width, height = self._image_size(image)
         except Exception:  # reported when the sample is read; here only an estimate is needed
             width, height = self.processor.image_processor.size["width"], self.processor.image_processor.size["height"]
         return self.processor.num_image_tokens(width, height, self.max_slices)
 
+    # ------------------------------------------------------------------------------------ up front
+    def prepare(self, num_threads: int = 8) -> list[dict]:
+        """Decide every skip now, before training (see the module docstring): bad images (decoded with
+        ``skip_bad_images``, else their headers read), records the template cannot render, too-long records;
+        truncations are counted and ``lengths`` become exact. Raises the first `DataError` found unless the matching
+        skip flag is set. Returns every skipped record (``skipped``)."""
+        t0 = time.perf_counter()
+        if self.skip_bad_images:
+            self.scan_images(num_threads)
+        records = [self.record(i) for i in self._indices]
+        images = [(record, j, image) for record in records for j, image in enumerate(record.images)]
+        with ThreadPoolExecutor(max(1, num_threads)) as pool:
+            sizes = iter(list(pool.map(lambda item: self._checked_size(*item), images)))
+        lengths, modality, bad = [], [], set()
+        for record in records:
+            tokens = [next(sizes) for _ in record.images]
+            try:
+                ids, labels = self._tokenize(record)
+            except DataError as e:  # the template cannot render it: a malformed record
+                if not self.skip_bad_records:
+                    raise
+                self._skip(record.index, "bad_record", e.problem)
+                bad.add(record.index)
+                continue
+            problem = next((t for t in tokens if isinstance(t, DataError)), None)
+            if problem is not None:
+                if not self.skip_bad_images:
+                    raise problem
+                self._skip(record.index, "bad_image", problem.problem)
+                bad.add(record.index)
+                continue
+            length, blocks, first_trained = _expanded(ids, labels, self.image_token_id, tokens)
+            kept = length
+            if self.max_length is not None and length > self.max_length:
+                kept = _cut_point(blocks, self.max_length)
+                if first_trained is None or first_trained >= kept:  # as __getitem__ decides it, from the ids
+                    self._skip(record.index, "too_long", _too_long(length, self.max_length))
+                    bad.add(record.index)
+                    continue
+                self._truncated.add(record.index)
+            with_images = any(end <= kept for _, end in blocks)
+            lengths.append(kept)
+            modality.append(kept if with_images else -kept)
+        self._indices = [i for i in self._indices if i not in bad]
+        self._lengths, self._modality_lengths = lengths, modality
+        logger.info("checked %d records in %.1f s: %s", len(records), time.perf_counter() - t0, self.stats)
+        return self.skipped
+
+    def _checked_size(self, record: Record, j: int, image) -> int | DataError:
+        """The token count of ``record``'s image ``j`` from its header, or the `DataError` saying why not."""
+        from ..image_io import describe_image
+
+        if not isinstance(image, Image.Image) and not os.path.exists(image):
+            return record.error(f"image {j} not found: '{image}'", MissingFileError)
+        try:
+            width, height = self._image_size(image)
+        except ValueError as e:
+            return record.error(f"image {j} ({describe_image(image)}): {e}")
+        max_pixels = self.processor.image_processor.max_pixels
+        if max_pixels is not None and width * height > max_pixels:
+            return record.error(f"image {j} ({describe_image(image)}): {width}x{height} = {width * height} pixels "
+                                f"exceeds max_pixels={max_pixels}")
+        return self.processor.num_image_tokens(width, height, self.max_slices)
+
+    # ------------------------------------------------------------------------------------ lengths
     def _compute_lengths(self) -> None:
         records = [self.record(i) for i in self._indices]
         images = [im for r in records for im in r.images]
@@ -384,7 +334,7 @@ class LazySupervisedDataset(Dataset):
 
     @property
     def lengths(self) -> list[int]:
-        """Estimated length of each sample: text words + image tokens (see the module docstring)."""
+        """Length of each sample: exact after `prepare`, else an estimate (see the module docstring)."""
         if self._lengths is None:
             self._compute_lengths()
         return self._lengths
@@ -397,36 +347,36 @@ class LazySupervisedDataset(Dataset):
         return self._modality_lengths
 
     # ------------------------------------------------------------------------------------ samples
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor] | None:
-        record = self.record(self._indices[i])
+    def _tokenize(self, record: Record) -> tuple[list[int], list[int]]:
+        """Token ids and labels of ``record``'s conversation, one image token per image."""
         try:
             ids, labels = tokenize_conversation(record.turns, self.tokenizer, self.template, self.image_token)
         except ValueError as e:
-            raise ValueError(f"{record.name}: {e}") from e
+            raise record.error(str(e)) from e
         n_placeholders = ids.count(self.image_token_id)
         if n_placeholders != len(record.images):
-            raise ValueError(f"{record.name}: the {self.template} template gave {n_placeholders} image token(s) for "
-                             f"{len(record.images)} image(s)")
+            raise record.error(f"the {self.template} template gave {n_placeholders} image token(s) for "
+                               f"{len(record.images)} image(s)")
+        return ids, labels
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor] | None:
+        record = self.record(self._indices[i])
+        ids, labels = self._tokenize(record)
         image_inputs = None
         blocks: list[tuple[int, int]] = []
         if record.images:
             try:
                 image_inputs = self._load_images(record)
-            except (FileNotFoundError, ValueError) as e:
+            except DataError as e:
                 if not self.skip_bad_images:
                     raise
-                self._skip(record, "bad_image", str(e))
+                self._skip(record.index, "bad_image", e.problem)
                 return None
             ids, labels, blocks = self._expand(ids, labels, self.processor.image_layouts(image_inputs))
         if self.max_length is not None and len(ids) > self.max_length:
-            cut = self.max_length
-            for start, end in blocks:
-                if start < cut < end:
-                    cut = start  # never keep part of an image block
-                    break
+            cut = _cut_point(blocks, self.max_length)
             if not any(label != IGNORE_INDEX for label in labels[1:cut]):
-                self._skip(record, "too_long", f"{len(ids)} tokens > max_length={self.max_length} and no answer "
-                                               "token survives a cut outside the image blocks")
+                self._skip(record.index, "too_long", _too_long(len(ids), self.max_length))
                 return None
             n_kept = sum(1 for _, end in blocks if end <= cut)
             full_length = len(ids)
@@ -478,6 +428,36 @@ def _keep_images(image_inputs, n_keep: int) -> dict | None:
     }
 
 
+def _cut_point(blocks: list[tuple[int, int]], max_length: int) -> int:
+    """Where a sample longer than ``max_length`` is cut: at ``max_length``, or at the start of the image block
+    (``[start, end)`` token span) it would split."""
+    for start, end in blocks:
+        if start < max_length < end:
+            return start  # never keep part of an image block
+    return max_length
+
+
+def _too_long(length: int, max_length: int) -> str:
+    return (f"{length} tokens > max_length={max_length} and no answer token survives a cut outside the image "
+            "blocks")
+
+
+def _expanded(ids: list[int], labels: list[int], image_token_id: int, image_tokens: list[int]):
+    """What expanding each image token into ``image_tokens[k]`` tokens gives, without building it: the length, the
+    image blocks' spans and the position of the first trained label after position 0 (None if there is none)."""
+    length, blocks, first, k = 0, [], None, 0
+    for token, label in zip(ids, labels):
+        if token == image_token_id:
+            blocks.append((length, length + image_tokens[k]))
+            length += image_tokens[k]
+            k += 1
+            continue
+        if first is None and label != IGNORE_INDEX and length >= 1:
+            first = length
+        length += 1
+    return length, blocks, first
+
+
 # ------------------------------------------------------------------------------------------------ collator
 class DataCollatorForLlavaUHD:
     """Batch `LazySupervisedDataset` samples.
@@ -486,7 +466,7 @@ class DataCollatorForLlavaUHD:
     ``padding_side``; concatenates the packed image fields of the batch in reading order (sample 0's images first,
     the order in which the model scatters image features into the image tokens), offsetting ``crop_image_ids`` so
     they index the batch's images. ``None`` samples (skipped by the dataset) are dropped and counted in
-    ``skipped``; a batch with no sample left raises a `ValueError`. A batch without images has no image fields.
+    ``skipped``; a batch with no sample left raises a `DataError`. A batch without images has no image fields.
     """
 
     def __init__(self, processor, padding_side: str = "right", pad_to_multiple_of: int | None = None):
@@ -507,8 +487,8 @@ class DataCollatorForLlavaUHD:
         kept = [x for x in instances if x is not None]
         self.skipped += len(instances) - len(kept)
         if not kept:
-            raise ValueError(f"all {len(instances)} samples of this batch were skipped (too long or bad images); "
-                             "run dataset.scan_images() before training to remove bad images up front")
+            raise DataError(f"all {len(instances)} samples of this batch were skipped (too long or bad images); "
+                            "call dataset.prepare() before training: it takes them out of the dataset up front")
         self.batches += 1
         length = max(len(x["input_ids"]) for x in kept)
         if self.pad_to_multiple_of:
