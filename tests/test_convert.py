@@ -17,7 +17,7 @@ from llava_uhd.modeling.spatial_resampler import SpatialResampler, pooling_size
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1, patch_size=14,
               image_size=56)
 LLM = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-           max_position_embeddings=512, rms_norm_eps=1e-6)
+           max_position_embeddings=2048, rms_norm_eps=1e-6)  # 5 crops x 144 queries fit
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 
 
@@ -203,6 +203,18 @@ def test_bin_weights_and_cli(tmp_path, release, vocab_size):
     assert torch.equal(saved["projector.query"], state["model.mm_projector.query"].to(torch.bfloat16))
     # a second run into the same folder refuses to overwrite
     assert run_convert(args) == 2
+
+
+def test_a_failed_write_leaves_no_output_folder(tmp_path, release, monkeypatch):
+    from llava_uhd.processing import LlavaUHDProcessor
+
+    def fail(self, *args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(LlavaUHDProcessor, "save_pretrained", fail)  # after the model's weights were written
+    with pytest.raises(OSError, match="No space left"):
+        convert_release(release[0], tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_wrong_projector_type_is_a_clear_error(tmp_path, release, vocab_size):

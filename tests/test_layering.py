@@ -20,7 +20,7 @@ RANKS = {
     "image_processing": 1, "visualize": 1,
     "processing": 2,
     "modeling": 3, "flops": 3, "auto": 3,
-    "backbones": 4, "convert": 4,
+    "backbones": 4, "backbone_cache": 4, "convert": 4,
     "data": 5,
     "eval": 6, "train": 6, "serve": 6,
     "nano": 7,

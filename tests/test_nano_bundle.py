@@ -12,6 +12,7 @@ import zipfile
 import pytest
 import torch
 
+from llava_uhd.backbones import prepare_backbone
 from llava_uhd.nano.bundle import main, missing_parts, pack_gpu_bundle, reassemble_bundle, unpack_vision_bundle
 from llava_uhd.nano.rounding import round_linear_int8_
 
@@ -74,7 +75,7 @@ def test_gpu_bundle_splits_reassembles_and_unpacks(nano_cache, tmp_path, capsys)
     folder = unpack_vision_bundle(bundle, tmp_path / "tower")
     assert unpack_vision_bundle(bundle, tmp_path / "tower") == folder  # reused
     got = Dinov2Model.from_pretrained(folder)
-    ref = Dinov2Model.from_pretrained(nano_cache / "dinov2-s14")
+    ref = Dinov2Model.from_pretrained(prepare_backbone("dinov2-s14", nano_cache, log=None))
     round_linear_int8_(ref)
     last = f"encoder.layer.{ref.config.num_hidden_layers - 1}."
     a, b = got.state_dict(), ref.state_dict()

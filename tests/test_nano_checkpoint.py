@@ -68,7 +68,10 @@ def test_loader_rebuilds_the_exported_weights(nano_run, nano_cache):
     q = model.vision_tower.vision_model.encoder.layer[0].attention.q_proj.weight
     from transformers import Dinov2Model
 
-    fp32 = Dinov2Model.from_pretrained(nano_cache / "dinov2-s14").encoder.layer[0].attention.q_proj.weight
+    from llava_uhd.backbones import prepare_backbone
+
+    tower = Dinov2Model.from_pretrained(prepare_backbone("dinov2-s14", nano_cache, log=None))
+    fp32 = tower.encoder.layer[0].attention.q_proj.weight
     qi, scale = int8_rowwise(fp32)
     assert torch.equal(q, qi.float() * scale) and not torch.equal(q, fp32)
     assert (cfg["model"]["num_queries"], processor.num_queries) == (8, 8)

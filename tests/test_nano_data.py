@@ -20,8 +20,10 @@ def test_encode_sample_matches_the_project_dataset(nano_cache):
     from llava_uhd.processing import LlavaUHDProcessor
 
     settings = NanoSettings.quick()
-    processor = LlavaUHDProcessor.from_backbones(nano_cache / "dinov2-s14", nano_cache / "smollm2-135m-instruct",
-                                                 **model_settings(settings, "uhd"))
+    from llava_uhd.backbones import prepare_backbone
+
+    vision, llm = (prepare_backbone(name, nano_cache, log=None) for name in ("dinov2-s14", "smollm2-135m-instruct"))
+    processor = LlavaUHDProcessor.from_backbones(vision, llm, **model_settings(settings, "uhd"))
     sample = generate_sample(7, ["edge_colour"], 224, 448, 4.0)
     ours = encode_sample(sample, processor, (("qa", "vicuna_v1", "answer"), ("cap", "plain", "caption")))
     record = {"id": 0, "image": sample.image, "conversations": sample.conversations(answer_prompt=None)}

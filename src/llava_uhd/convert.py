@@ -31,7 +31,13 @@ The converter
    ``embeddings.position_ids`` and Llama's ``rotary_emb.inv_freq``);
 5. writes the model with ``LlavaUHDForConditionalGeneration.save_pretrained`` and a `LlavaUHDProcessor` (the
    release's tokenizer, ``padding_side="left"``, with ``<image>`` added as a special token; a CLIP image
-   processor at the tower's native size, max 7 slices; 144 tokens per crop; the vicuna_v1 chat template).
+   processor at the tower's native size, max 7 slices; 144 tokens per crop; the vicuna_v1 chat template), into a
+   temporary folder beside the output that is renamed into place once complete (a failed or interrupted
+   conversion leaves no half-written output folder).
+
+The release's files are read through `llava_uhd.modeling.checkpoint_files`: a truncated or damaged safetensors
+shard or ``.bin``, a broken shard index or a ``config.json`` value that is not a number is a `ConversionError`
+naming the file.
 
 The release's ``mm_projector.pos_embed`` (a fixed ``144 x hidden`` 2D sin-cos table over the 12x12 query grid) maps
 to `SpatialResampler`'s ``pos_embed`` buffer unchanged; see ``modeling/spatial_resampler.py`` for how it is used.
@@ -129,13 +135,17 @@ def _names(keys, limit: int = 12) -> str:
 # --------------------------------------------------------------------------------------------- reading
 def read_release_config(src: str | os.PathLike) -> dict:
     """``config.json`` of a release folder, checked to be a LLaVA checkpoint with the spatial resampler."""
+    from transformers import LlamaConfig
+
+    from .modeling.checkpoint_files import check_config_fields, read_config_json
+
     path = Path(src) / "config.json"
     if not path.is_file():
         raise ConversionError(f"{src}: no config.json (expected the authors' LLaVA-UHD release folder)")
     try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{path}: not valid JSON ({e})") from None
+        config = read_config_json(src)
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
     model_type = config.get("model_type")
     if model_type not in RELEASE_MODEL_TYPES:
         raise ConversionError(f"{path}: model_type {model_type!r} is not a LLaVA checkpoint; expected one of "
@@ -152,25 +162,20 @@ def read_release_config(src: str | os.PathLike) -> dict:
     tower = str(config.get("mm_vision_tower", "clip"))
     if "clip" not in tower.lower():
         raise ConversionError(f"{path}: mm_vision_tower {tower!r} is not a CLIP tower (only CLIP is supported)")
+    try:
+        check_config_fields(config, LlamaConfig, path, {"mm_hidden_size": int, "mm_vision_select_layer": int})
+    except ValueError as e:
+        raise ConversionError(str(e)) from None
     return config
 
 
 def _weight_files(src: Path) -> list[Path]:
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = src / index_name
-        if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise ConversionError(f"{index}: no weight_map")
-            files = [src / f for f in sorted(set(weight_map.values()))]
-            absent = [f.name for f in files if not f.is_file()]
-            if absent:
-                raise ConversionError(f"{index} lists shard(s) that are not in {src}: {_names(absent)}")
-            return files
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (src / single).is_file():
-            return [src / single]
-    files = sorted(src.glob("*.safetensors")) or sorted(src.glob("pytorch_model*.bin"))
+    from .modeling.checkpoint_files import weight_files
+
+    try:
+        files = weight_files(src, any_name=True)
+    except ValueError as e:  # a damaged file or index, named
+        raise ConversionError(str(e)) from None
     if not files:
         raise ConversionError(f"{src}: no weights (*.safetensors or pytorch_model*.bin)")
     return files
@@ -182,18 +187,15 @@ def load_release_state_dict(src: str | os.PathLike, dtype: torch.dtype | None = 
     ``dtype`` when given. A tensor found in two shards is an error."""
     import torch
 
+    from .modeling.checkpoint_files import load_weight_file
+
     src = Path(src)
     state: dict[str, torch.Tensor] = {}
     for f in _weight_files(src):
-        if f.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            part = load_file(str(f))
-        else:
-            try:
-                part = torch.load(str(f), map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
-                part = torch.load(str(f), map_location="cpu", weights_only=True)
+        try:
+            part = load_weight_file(f)
+        except ValueError as e:
+            raise ConversionError(str(e)) from None
         dup = set(part) & set(state)
         if dup:
             raise ConversionError(f"{f.name}: tensor(s) already read from another shard: {_names(dup)}")
@@ -278,7 +280,11 @@ def text_config_from_release(release_config: dict):
     for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         if k not in kwargs:
             raise ConversionError(f"config.json has no {k!r} (needed for the Llama config)")
-    return LlamaConfig(**kwargs)
+    try:
+        return LlamaConfig(**kwargs)
+    except Exception as e:  # noqa: BLE001 - whatever LlamaConfig refuses comes from config.json
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConversionError(f"config.json: not a valid Llama config ({first})") from None
 
 
 # --------------------------------------------------------------------------------------------- processor
@@ -418,11 +424,16 @@ def convert_release(
             bos_token_id=text_config.bos_token_id, eos_token_id=text_config.eos_token_id,
             pad_token_id=tokenizer.pad_token_id)
 
-    # 4. write
+    # 4. write (into a temporary folder beside ``out``, moved into place once complete)
     processor = _build_processor(tokenizer, vision_config, num_queries, int(max_slices))
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, max_shard_size=max_shard_size)
-    processor.save_pretrained(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        processor.save_pretrained(tmp)
+        _move_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return ConversionReport(
         out_dir=out, num_tensors=len(mapped), ignored=sorted(ignored),
         vision=(f"CLIP {vision_config.num_hidden_layers} layers x {vision_config.hidden_size}, patch "
@@ -432,6 +443,22 @@ def convert_release(
         settings={k: settings[k] for k in ("resampler_type", "num_queries", "resampler_heads", "max_slices",
                                            "overview_position")},
     )
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """``tmp`` becomes ``out`` in one rename when ``out`` is absent or empty; into a non-empty ``out``
+    (``overwrite``) its files move one by one, each replacing its namesake in one step."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    for path in sorted(tmp.rglob("*")):
+        target = out / path.relative_to(tmp)
+        if path.is_dir():
+            target.mkdir(exist_ok=True)
+        else:
+            os.replace(path, target)
 
 
 def _forward_names(expected) -> dict[str, str]:
@@ -468,8 +495,8 @@ def run_convert(args: argparse.Namespace) -> int:
     try:
         report = convert_release(args.src, args.out, dtype=args.dtype, max_slices=args.max_slices,
                                  max_shard_size=args.max_shard_size, overwrite=args.overwrite)
-    except ConversionError as e:
-        print(f"llava-uhd convert: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # ConversionError is a ValueError: a folder that cannot be converted
+        print(f"llava-uhd convert: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     print(report.summary())
     return 0

@@ -11,11 +11,14 @@ Data flow for a batch (shapes as ``(P, ...)`` for packed patches, ``K`` crops, `
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .checkpoint_files import check_model_folder
 from .configuration_llava_uhd import LlavaUHDConfig
 from .context import check_context, context_limit
 from .projector import MLPProjector
@@ -250,8 +253,13 @@ class LlavaUHDForConditionalGeneration(LlavaUHDPreTrainedModel, GenerationMixin)
 
     # ----------------------------------------------------------------------------------------- composition
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        # A local folder is checked first (config.json, its model_type and numbers, the weight files' headers): a
+        # damaged or foreign one is a ValueError naming the file, not an error from inside safetensors or torch.
+        folder = os.path.join(pretrained_model_name_or_path or "", kwargs.get("subfolder") or "")
+        if pretrained_model_name_or_path is not None and os.path.isdir(folder):
+            check_model_folder(folder, cls.config_class, need_config=kwargs.get("config") is None)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         # Loading swaps in fresh Parameters (requires_grad=True): freeze the tower again as the config says.
         model.freeze_vision_tower(model.config.freeze_vision_tower)
         return model

@@ -159,9 +159,13 @@ def load_nano(weights_dir=None, *, cache_dir=None, device: str = "cpu", vision=N
     config_path = weights / CONFIG_FILE
     if not config_path.is_file():
         raise NanoWeightsMissing(f"no nano weights in {weights} ({CONFIG_FILE} missing)")
-    config = json.loads(config_path.read_text())
-    if config.get("format") != NANO_FORMAT:
-        raise ValueError(f"{config_path}: format {config.get('format')!r}, this llava-uhd reads {NANO_FORMAT}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != NANO_FORMAT:
+        found = config.get("format") if isinstance(config, dict) else None
+        raise ValueError(f"{config_path}: format {found!r}, this llava-uhd reads {NANO_FORMAT}")
     check_nano_files(weights, config)
     quiet = None if log is None else (lambda m: log(f"  {m}"))
     backbones = config["backbones"]
