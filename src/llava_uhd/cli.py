@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from .commandline import (CommandParser, exit_quietly_on_closed_pipe, non_negative_int, output_file, positive_int,
-                          require_extra)
+                          quiet_import_noise, require_extra)
 from .slicing import SliceConfig, SlicePlan
 
 __all__ = ["main"]
@@ -245,6 +245,7 @@ def _require_extra(command: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    quiet_import_noise()
     if argv[:1] == ["train"]:  # everything after `train` belongs to the Trainer's argument parser
         if not {"-h", "--help", "--help-all"} & set(argv) and not _require_extra("train"):
             return 2

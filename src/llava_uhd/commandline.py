@@ -6,6 +6,7 @@
     check_device("cuda")                                     # ValueError naming the device, before a model loads
     require_extra("train")                                   # ValueError naming the extra and the pip command
     return exit_quietly_on_closed_pipe(lambda: run(args))    # `llava-uhd slice x.png | head` ends without a trace
+    quiet_import_noise()                                     # optional kernels' "Failed to load ..." unsaid
 
 Light to import (the standard library only): `check_device` imports torch when it is called.
 """
@@ -14,13 +15,25 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["CommandParser", "positive_int", "non_negative_int", "positive_float", "output_file", "check_device", "EXTRAS",
-           "require_extra", "exit_quietly_on_closed_pipe"]
+__all__ = ["quiet_import_noise", "CommandParser", "positive_int", "non_negative_int", "positive_float", "output_file",
+           "check_device", "EXTRAS", "require_extra", "exit_quietly_on_closed_pipe"]
+
+
+# optional kernels that torchao / bitsandbytes / torch announce they could not load when they are imported (through
+# peft or transformers): warnings about code paths the commands do not take, which would bury their output
+_IMPORT_NOISE = ("torchao", "bitsandbytes.backends.cpu.ops", "torch.utils._pytree")
+
+
+def quiet_import_noise() -> None:
+    """Keep the import-time warnings of `_IMPORT_NOISE`'s loggers off the terminal (errors still show)."""
+    for name in _IMPORT_NOISE:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 class CommandParser(argparse.ArgumentParser):

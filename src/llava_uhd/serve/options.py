@@ -11,11 +11,11 @@ Light to import (argparse only): torch and transformers load when a command runs
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable
 
-from ..commandline import CommandParser, check_device, exit_quietly_on_closed_pipe, positive_int
+from ..commandline import (CommandParser, check_device, exit_quietly_on_closed_pipe, positive_int,
+                           quiet_import_noise)
 
 __all__ = ["CommandError", "add_model_arguments", "add_generation_arguments", "generation_settings",
            "load_from_args", "prepare_runtime", "run_command", "command_main", "DTYPE_CHOICES", "NANO_NOTE"]
@@ -115,11 +115,6 @@ def load_from_args(args, prog: str, log: Callable[[str], None] | None = None):
     return loaded
 
 
-# optional kernels that torchao / bitsandbytes / torch announce they could not load when they are imported (through
-# peft or transformers): warnings about code paths these commands do not take, which would bury the answer
-_IMPORT_NOISE = ("torchao", "bitsandbytes.backends.cpu.ops", "torch.utils._pytree")
-
-
 def command_main(prog: str, doc: str, add_arguments: Callable[[argparse.ArgumentParser], object],
                  run: Callable[[argparse.Namespace], int], argv: list[str] | None) -> int:
     """A serving command as its own program (``python -m llava_uhd.serve.ask ...``): its parser (description from
@@ -133,9 +128,8 @@ def command_main(prog: str, doc: str, add_arguments: Callable[[argparse.Argument
 
 def run_command(prog: str, command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run ``command(args)``; a `CommandError` becomes ``prog: message`` on stderr and status 2, Ctrl-C status 130.
-    Import-time warnings about unused optional kernels (`_IMPORT_NOISE`) are not printed."""
-    for name in _IMPORT_NOISE:
-        logging.getLogger(name).setLevel(logging.ERROR)
+    Import-time warnings about unused optional kernels are not printed (`quiet_import_noise`)."""
+    quiet_import_noise()
     try:
         return command(args)
     except CommandError as e:
