@@ -13,7 +13,7 @@ from serve_helpers import picture, save_tiny
 from llava_uhd.cli import main
 from llava_uhd.serve.ask import answer
 from llava_uhd.serve.generation import GenerationSettings
-from llava_uhd.serve.infer import image_size, plan_batches, prompt_tokens
+from llava_uhd.serve.infer import image_size, plan_batches
 from llava_uhd.serve.questions import chunk, read_answers, read_questions
 
 NEW = 4
@@ -92,7 +92,8 @@ def test_batches_and_prompt_lengths(bench, tmp_path):
     parsed = read_questions(root / "questions.jsonl", root / "images")
     for q in parsed:
         sizes = [image_size(p) for p in q.images]
-        assert prompt_tokens(processor, processor.question_prompt(q.text, len(sizes)), sizes) == lengths[q.question_id]
+        prompt = processor.question_prompt(q.text, len(sizes))
+        assert processor.count_prompt_tokens(prompt, sizes) == lengths[q.question_id]
     # the header's size follows the EXIF orientation, as the pixels do
     rotated = picture(90, 50)
     exif = rotated.getexif()

@@ -161,6 +161,12 @@ _SUBCOMMANDS = (
      "Answer {question_id, image, text} JSONL lines in batches formed by token count and write LLaVA model_vqa "
      "answer lines {question_id, prompt, text, answer_id, model_id, metadata}; rerunning resumes. Without --model: "
      "the built-in nano model (synthetic single-shape pictures only)."),
+    ("serve", ("serve.server", "add_serve_arguments", "run_serve"),
+     "an OpenAI-compatible server with request batching and a web page (the nano model by default)",
+     "Serve a LLaVA-UHD over HTTP: POST /v1/chat/completions in OpenAI's format (images as data: URLs, streaming, "
+     "usage with image tokens, max_slices), GET /v1/models, GET /health, and a web page at / that draws the slice "
+     "grid of a dropped image and streams the answer. Concurrent requests are decoded in batches. Without --model: "
+     "the built-in nano model (synthetic single-shape pictures only)."),
     ("train-nano", ("nano.cli", "add_train_nano_arguments", "run_train_nano"),
      "train the nano LLaVA-UHD (DINOv2-S/14 + SmolLM2-135M) on synthetic data",
      "Train the nano LLaVA-UHD and the same backbones with image_strategy=pad, evaluate both on held-out synthetic "
@@ -227,16 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# the optional extra (pyproject.toml) each command needs beyond the base install; checked before any work
-_EXTRA = {"train": "train", "ablate": "train", "train-nano": "nano", "ask": "nano", "chat": "nano", "infer": "nano",
-          "build": "nano", "convert": "torch"}
+# the optional extras (pyproject.toml) each command needs beyond the base install; checked before any work
+_EXTRA = {"train": ("train",), "ablate": ("train",), "train-nano": ("nano",), "ask": ("nano",), "chat": ("nano",),
+          "infer": ("nano",), "serve": ("nano", "serve"), "build": ("nano",), "convert": ("torch",)}
 
 
 def _require_extra(command: str) -> bool:
     """False (after one line on stderr) when ``command``'s extra is not installed."""
     try:
-        if command in _EXTRA:
-            require_extra(_EXTRA[command])
+        for extra in _EXTRA.get(command, ()):
+            require_extra(extra)
     except ValueError as e:
         print(f"llava-uhd {command}: {e}", file=sys.stderr)
         return False

@@ -112,6 +112,7 @@ EXTRAS = {
     "torch": ("torch",),
     "nano": ("torch", "onnx", "gguf", "accelerate", "peft"),
     "train": ("torch", "accelerate", "peft", "datasets", "matplotlib", "yaml", "gguf"),
+    "serve": ("fastapi", "uvicorn"),
 }
 
 

@@ -319,6 +319,13 @@ class LlavaUHDProcessor(ProcessorMixin):
         pattern = re.compile("|".join(re.escape(t) for t in specials))
         return [m.span() for start, stop in spans for m in pattern.finditer(text, start, stop)]
 
+    def count_prompt_tokens(self, prompt: str, image_sizes: Sequence[tuple[int, int]],
+                            max_slices: int | None = None) -> int:
+        """The length in tokens of ``prompt`` once its ``<image>`` placeholders are expanded for images of
+        ``image_sizes`` (``(width, height)`` each): what `__call__` will make of it, known without any pixel."""
+        ids = self.encode_text(prompt)
+        return len(ids) - len(image_sizes) + sum(self.num_image_tokens(w, h, max_slices) for w, h in image_sizes)
+
     def num_image_tokens(self, width: int, height: int, max_slices: int | None = None) -> int:
         """LLM tokens one ``width x height`` image costs, known before processing it."""
         plan = self.image_processor.plan(width, height, max_slices)

@@ -98,9 +98,12 @@ class GenerationBatch:
 
 
 def generate(model, processor, prompts: Sequence[str], images: Sequence[Sequence], settings: GenerationSettings,
-             *, max_slices: int | None = None, on_text: Callable[[str], None] | None = None) -> GenerationBatch:
+             *, max_slices: int | None = None, on_text: Callable[[str], None] | None = None, streamer=None,
+             stopping_criteria=None) -> GenerationBatch:
     """Answer ``prompts`` (rendered prompts, one ``<image>`` per image) about ``images`` (one list per prompt, in
-    placeholder order; anything `load_rgb` reads) in one left-padded batch.
+    placeholder order; anything `load_rgb` reads) in one left-padded batch. ``streamer`` and
+    ``stopping_criteria`` go to transformers' `generate` as they are (the server follows every row with them);
+    ``streamer`` replaces ``on_text``'s.
 
     Raises:
         ValueError: an unreadable image, a placeholder / image count mismatch, or a prompt that leaves no room for
@@ -117,12 +120,14 @@ def generate(model, processor, prompts: Sequence[str], images: Sequence[Sequence
     tokenizer = processor.tokenizer
     config = settings.generation_config(model, tokenizer)
     stream = on_text is not None and len(prompts) == 1 and settings.num_beams == 1
-    streamer = _CallbackStreamer(tokenizer, on_text) if stream else None
+    if streamer is None and stream:
+        streamer = _CallbackStreamer(tokenizer, on_text)
     t1 = time.perf_counter()
     if settings.seed is not None:
         set_seed(settings.seed)
     with torch.inference_mode():
-        out = model.generate(**inputs, generation_config=config, streamer=streamer)
+        out = model.generate(**inputs, generation_config=config, streamer=streamer,
+                             stopping_criteria=stopping_criteria)
     t2 = time.perf_counter()
     new = out[:, inputs["input_ids"].shape[1]:].tolist()
     results = []

@@ -27,7 +27,7 @@ from ..commandline import non_negative_int, positive_int
 from .options import (CommandError, add_generation_arguments, add_model_arguments, generation_settings,
                       load_from_args, prepare_runtime, run_command, command_main)
 
-__all__ = ["add_infer_arguments", "run_infer", "plan_batches", "prompt_tokens", "image_size", "main"]
+__all__ = ["add_infer_arguments", "run_infer", "plan_batches", "image_size", "main"]
 
 PROG = "llava-uhd infer"
 DEFAULT_BATCH_TOKENS = 4096
@@ -67,13 +67,6 @@ def image_size(path) -> tuple[int, int]:
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
-def prompt_tokens(processor, prompt: str, sizes: list[tuple[int, int]], max_slices: int | None = None) -> int:
-    """The length in tokens of ``prompt`` once its ``<image>`` placeholders are expanded for images of ``sizes``
-    (``(width, height)`` each): what the processor will make of it, known without decoding any pixel."""
-    ids = processor.encode_text(prompt)
-    return len(ids) - len(sizes) + sum(processor.num_image_tokens(w, h, max_slices) for w, h in sizes)
-
-
 @dataclass
 class _Job:
     question: object  # a questions.Question
@@ -108,7 +101,7 @@ class _Run:
                     raise ValueError(q.error)
                 sizes = [image_size(p) for p in q.images]
                 prompt = self.processor.question_prompt(q.text, len(sizes))
-                tokens = prompt_tokens(self.processor, prompt, sizes, self.args.max_slices)
+                tokens = self.processor.count_prompt_tokens(prompt, sizes, self.args.max_slices)
                 check_context([tokens], self.settings.max_new_tokens, limit)  # before its images are decoded
             except ValueError as e:
                 self.reject(q, str(e))
