@@ -11,17 +11,15 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import pytest
 from serve_helpers import picture, save_tiny
 
 from llava_uhd.serve.generation import GenerationSettings, generate
 from llava_uhd.serve.openai_api import Limits
-from llava_uhd.serve.server import create_app
+from llava_uhd.serve.server import create_app, running_server
 
 NAME = "tiny-llava-uhd"
 
@@ -82,26 +80,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextmanager
-def serving(app):
-    """``app`` under uvicorn on a free 127.0.0.1 port, in a thread; yields the base URL."""
-    import uvicorn
-
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-serve")
@@ -114,7 +92,7 @@ def server(tiny):
     _, model, processor = tiny
     limits = Limits(max_body_bytes=400_000, max_image_bytes=60_000, max_images=3, max_tokens=600)
     app = create_app(model, processor, NAME, limits, max_batch_size=16, max_queue=64)
-    with serving(app) as url:
+    with running_server(app) as url:
         yield url, app
 
 
@@ -281,7 +259,7 @@ def test_a_full_queue_answers_503_with_retry_after(tiny):
     _, model, processor = tiny
     app = create_app(model, processor, NAME, Limits(), max_batch_size=1, max_queue=1)
     body = {"model": NAME, "messages": _message("Which one?", picture(90, 50)), "max_tokens": 40}
-    with serving(app) as url:
+    with running_server(app) as url:
         def one(_):
             r = _post_json(f"{url}/v1/chat/completions", body)
             return r.status_code, r.headers.get("retry-after"), r.json()
@@ -361,3 +339,59 @@ def test_sigterm_finishes_the_requests_in_flight_and_refuses_new_ones(tiny):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def _chromium():
+    """A headless Chromium driven by Selenium (Debian's chromium and chromium-driver; `.ci/run` installs them)."""
+    import shutil
+
+    browser, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not (browser and driver):
+        pytest.skip("chromium and chromedriver are not installed (.ci/run installs them: apt-get install chromium "
+                    "chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 "--window-size=1100,1200"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_the_web_page_draws_the_slices_and_streams_the_answer(server, tiny, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from llava_uhd.slicing import plan_slices
+
+    url, _ = server
+    _, model, processor = tiny
+    image = picture(672, 1008, 3)
+    image.save(tmp_path / "photo.png")
+    config = processor.image_processor.slice_config
+    want_slices = len(plan_slices(672, 1008, config).slices)
+    want = _alone(model, processor, "What colour?", [image], 64).text
+    assert want.strip()
+    browser = _chromium()
+    try:
+        browser.get(url)
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: b.find_element(By.ID, "model").text == NAME)
+        picker = browser.find_element(By.ID, "file")
+        browser.execute_script("arguments[0].hidden = false", picker)
+        picker.send_keys(str(tmp_path / "photo.png"))
+        plan = wait.until(lambda b: b.find_element(By.ID, "plan") if b.find_element(By.ID, "plan").text else None)
+        assert plan.get_attribute("data-slices") == str(want_slices) == "6"
+        assert plan.get_attribute("data-tokens") == str(processor.num_image_tokens(672, 1008))
+        assert "6 slices (2 cols x 3 rows) + overview" in plan.text
+        canvas = browser.find_element(By.ID, "canvas")
+        assert (int(canvas.get_attribute("width")), int(canvas.get_attribute("height"))) == (600, 900)
+        browser.find_element(By.ID, "question").send_keys("What colour?")
+        browser.find_element(By.ID, "ask").click()
+        wait.until(lambda b: b.find_element(By.ID, "answer").get_attribute("data-done") == "1")
+        assert browser.find_element(By.ID, "answer").text == want.strip()
+        assert browser.find_element(By.ID, "status").text == ""
+    finally:
+        browser.quit()

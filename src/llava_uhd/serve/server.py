@@ -24,14 +24,14 @@ import asyncio
 import json
 import logging
 import uuid
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from importlib import resources
 from pathlib import Path
 
 from ..commandline import non_negative_int, positive_int
 from .options import CommandError, add_model_arguments, load_from_args, prepare_runtime, run_command
 
-__all__ = ["create_app", "add_serve_arguments", "run_serve"]
+__all__ = ["create_app", "running_server", "add_serve_arguments", "run_serve"]
 
 logger = logging.getLogger("llava_uhd.serve")
 
@@ -217,6 +217,35 @@ def create_app(model, processor, model_name: str, limits=None, max_batch_size: i
         return page
 
     return app
+
+
+@contextmanager
+def running_server(app, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 60):
+    """``app`` served by uvicorn in a thread of this process (tests, benchmarks, scripts): yields the base URL
+    (``port`` 0: a free one), and shuts the server down gracefully on exit."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="llava-uhd-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout_s)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
