@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -395,3 +396,73 @@ def test_the_web_page_draws_the_slices_and_streams_the_answer(server, tiny, tmp_
         assert browser.find_element(By.ID, "status").text == ""
     finally:
         browser.quit()
+
+
+def test_jpeg_webp_and_seeded_sampling(server, tiny):
+    url, _ = server
+    _, model, processor = tiny
+    image = picture(120, 80, 4)
+    answers = []
+    for fmt in ("JPEG", "WEBP"):
+        body = {"model": NAME, "max_tokens": 4, "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": _data_url(image, fmt)}}, {"type": "text", "text": "What?"}]}]}
+        reply = _post_json(f"{url}/v1/chat/completions", body)
+        assert reply.status_code == 200, reply.text
+        answers.append(reply.json()["usage"]["prompt_tokens"])
+    assert answers[0] == answers[1] == _alone(model, processor, "What?", [image], 1).prompt_tokens
+    # sampling with a seed repeats; another seed (almost surely) differs at a high temperature
+    body = {"model": NAME, "max_tokens": 8, "temperature": 2.0, "messages": _message("What?", image)}
+
+    def sample(seed):
+        return _post_json(f"{url}/v1/chat/completions", {**body, "seed": seed}).json()["choices"][0]["message"]
+
+    assert sample(1) == sample(1) != sample(2)
+
+
+def test_remote_images_only_when_allowed_with_a_size_limit(tiny, tmp_path):
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    _, model, processor = tiny
+    picture(90, 50, 0).save(tmp_path / "small.png")
+    (tmp_path / "large.bin").write_bytes(b"\0" * 70_000)
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    files = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{files.server_address[1]}"
+    try:
+        app = create_app(model, processor, NAME, Limits(allow_remote_images=True, max_image_bytes=60_000))
+        with running_server(app) as url:
+            def ask(image_url):
+                return _post_json(f"{url}/v1/chat/completions", {"model": NAME, "max_tokens": 3, "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                                 {"type": "text", "text": "Which one?"}]}]})
+
+            fetched = ask(f"{base}/small.png")
+            assert fetched.status_code == 200
+            assert fetched.json()["choices"][0]["message"]["content"] == \
+                _alone(model, processor, "Which one?", [picture(90, 50, 0)], 3).text
+            too_large = ask(f"{base}/large.bin")
+            assert too_large.status_code == 413 and "larger than 60000 bytes" in too_large.json()["error"]["message"]
+            missing = ask(f"{base}/missing.png")
+            assert missing.status_code == 400 and "cannot fetch" in missing.json()["error"]["message"]
+    finally:
+        files.shutdown()
+
+
+def test_serve_command_checks_its_extra_and_options(monkeypatch, capsys):
+    import importlib.util
+
+    from llava_uhd.cli import main
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "uvicorn" else real_find_spec(name, *a))
+    assert main(["serve"]) == 2
+    assert capsys.readouterr().err == ("llava-uhd serve: needs the 'serve' extra (not installed: uvicorn): "
+                                       "pip install 'llava-uhd[serve]'\n")
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--max-batch-size", "0"])
+    assert e.value.code == 2 and "argument --max-batch-size: must be >= 1, got 0" in capsys.readouterr().err
