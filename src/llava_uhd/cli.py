@@ -161,6 +161,13 @@ _SUBCOMMANDS = (
      "Answer {question_id, image, text} JSONL lines in batches formed by token count and write LLaVA model_vqa "
      "answer lines {question_id, prompt, text, answer_id, model_id, metadata}; rerunning resumes. Without --model: "
      "the built-in nano model (synthetic single-shape pictures only)."),
+    ("eval", ("eval.run", "add_eval_arguments", "run_eval"),
+     "answer a standard benchmark (VQAv2, GQA, TextVQA, POPE, MME, MMBench, ...) from a local folder and score it",
+     "Answer a benchmark read from a local folder in LLaVA's evaluation layouts (greedy, LLaVA-1.5 prompts, batched "
+     "like infer) and score it as the field does (VQA accuracy, ANLS, relaxed accuracy, POPE F1, MME scores, "
+     "MMBench circular accuracy, ...): answers JSONL, a metrics JSON, a submission file for server-scored "
+     "benchmarks and a one-line summary. Without --model: the built-in nano model (synthetic single-shape pictures "
+     "only)."),
     ("serve", ("serve.server", "add_serve_arguments", "run_serve"),
      "an OpenAI-compatible server with request batching and a web page (the nano model by default)",
      "Serve a LLaVA-UHD over HTTP: POST /v1/chat/completions in OpenAI's format (images as data: URLs, streaming, "
@@ -235,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # the optional extras (pyproject.toml) each command needs beyond the base install; checked before any work
 _EXTRA = {"train": ("train",), "ablate": ("train",), "train-nano": ("nano",), "ask": ("nano",), "chat": ("nano",),
-          "infer": ("nano",), "serve": ("nano", "serve"), "build": ("nano",), "convert": ("torch",)}
+          "infer": ("nano",), "eval": ("nano",), "serve": ("nano", "serve"), "build": ("nano",), "convert": ("torch",)}
 
 
 def _require_extra(command: str) -> bool:

@@ -36,6 +36,20 @@ def normalize_answer(text: str) -> str:
     return " ".join(t for t in tokens if t not in _ARTICLES)
 
 
+# a negation word right before a word (an article may sit between, a hyphen may join them): "not red", "isn't a
+# circle", "no-red"; "No. It is red." and "No, it is red" negate nothing
+_NEGATED = re.compile(r"\b(?:not|no|never|nor|isn't|isnt|aren't|arent|wasn't|wasnt|ain't)(?:\s+|-)(?:(?:a|an|the)\s+)?"
+                      r"([0-9a-z]+)")
+
+
+def _negated(prediction: str) -> set[str]:
+    """The words of ``prediction`` (normalized as `normalize_answer` does, plurals made singular) that a negation
+    word directly before them denies."""
+    text = str(prediction).lower().replace("\u2019", "'")
+    words = {normalize_answer(w) for w in _NEGATED.findall(text)}
+    return words | {_SINGULAR.get(w, w) for w in words}
+
+
 def _code_key(text: str) -> str:
     return re.sub(r"[^0-9a-z]", "", str(text).lower())
 
@@ -50,6 +64,10 @@ def is_correct(prediction: str, answer: str, kind: str | None = None) -> bool:
     * ``read_text``: the code, case-insensitive, with or without spaces between characters ("a7k9", "A 7 K 9",
       "The code is A7K9");
     * unknown kinds: equal after `normalize_answer`.
+
+    An answer word denied by a negation word right before it ("not red", "it isn't a circle", "not 3", "no-red";
+    an article may sit between) makes the prediction wrong; a "no" ending its own sentence or clause does not
+    ("No. It is red." and "No, it is red" are right).
     """
     info = KINDS.get(kind) if kind is not None else None
     answer_type = info.answer_type if info is not None else None
@@ -70,6 +88,8 @@ def is_correct(prediction: str, answer: str, kind: str | None = None) -> bool:
     pred, ans = normalize_answer(prediction), normalize_answer(answer)
     if pred == ans:
         return bool(ans)
+    if ans in _negated(prediction) or _SINGULAR.get(ans, ans) in _negated(prediction):
+        return False  # "not red", "it isn't a circle", "not 3"
     tokens = pred.split()
     if answer_type == "number":
         if not ans.isdigit():
