@@ -174,6 +174,12 @@ _SUBCOMMANDS = (
      "usage with image tokens, max_slices), GET /v1/models, GET /health, and a web page at / that draws the slice "
      "grid of a dropped image and streams the answer. Concurrent requests are decoded in batches. Without --model: "
      "the built-in nano model (synthetic single-shape pictures only)."),
+    ("probe", ("eval.probe_cli", "add_probe_arguments", "run_probe"),
+     "the paper's pilot experiments (Fig. 1-3) as probes: position, resolution, padding",
+     "Ask a local model (--model, default the built-in nano model) or any OpenAI-compatible --endpoint about "
+     "synthetic pictures swept over object position (a heat map), resolution (the answers per size) or aspect ratio "
+     "with a grey or coloured extreme region (accuracy per ratio); writes raw answers (JSONL), a summary (JSON) and "
+     "a PNG to --out."),
     ("train-nano", ("nano.cli", "add_train_nano_arguments", "run_train_nano"),
      "train the nano LLaVA-UHD (DINOv2-S/14 + SmolLM2-135M) on synthetic data",
      "Train the nano LLaVA-UHD and the same backbones with image_strategy=pad, evaluate both on held-out synthetic "
