@@ -6,7 +6,17 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
+
+
+@pytest.fixture(autouse=True)
+def pillow_refuses_truncated_files():
+    """Every test starts with Pillow's default: truncated files are an error. Importing lmms-eval's task module
+    sets ``ImageFile.LOAD_TRUNCATED_IMAGES = True`` for the whole process, which would make the later tests of
+    truncated images pass silently."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    yield
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 @pytest.fixture
