@@ -331,3 +331,24 @@ def test_mlp_projector_errors():
         p(torch.randn(6, 7))
     with pytest.raises(ValueError, match="width 7"):
         p.forward_split(torch.randn(6, 7), g)
+
+
+@pytest.mark.parametrize("batching", ["group", "pad"])
+def test_folded_attention_is_the_plain_attention(batching):
+    """``attention="folded"`` (queries folded into the key projection, the value projection after the weighted sum)
+    computes what ``nn.MultiheadAttention`` computes on projected keys and values (the default), biases included,
+    and its gradients are the same."""
+    folded, plain = make(seed=7, batching=batching, attention="folded"), make(seed=7, batching=batching)
+    assert folded.attention == "folded" and plain.attention == "plain"
+    assert folded.attn.in_proj_bias.abs().min() > 0  # make() gives every bias a value: the key bias must cancel
+    x, g = packed(MIXED, seed=8)
+    out_f, out_p = folded(x, g), plain(x, g)
+    assert rel_err(out_f.detach(), out_p.detach()) < 1e-5
+    out_f.square().sum().backward()
+    out_p.square().sum().backward()
+    for (name, a), (_, b) in zip(folded.named_parameters(), plain.named_parameters()):
+        assert rel_err(a.grad, b.grad) < 1e-4, name
+    with torch.no_grad():
+        assert rel_err(folded.double()(x.double(), g), reference_resampler(folded, x, MIXED)) < 1e-8
+    with pytest.raises(ValueError, match="attention must be 'folded' or 'plain'"):
+        PerceiverResampler(VD, HID, attention="fast")

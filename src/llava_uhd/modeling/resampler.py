@@ -214,8 +214,10 @@ class CrossAttentionResampler(nn.Module):
         x = self.ln_kv(self.kv_proj(features.to(self.compute_dtype)))  # (P, hidden), once over all rows
         if not grids:
             return x.new_zeros(0, self.num_queries, self.hidden_size)
-        # MultiheadAttention reads out_proj's weight without calling out_proj: load it if accelerate offloaded it
-        with onloaded(self.attn.out_proj):
+        # MultiheadAttention reads out_proj's weight without calling out_proj, and the folded attention reads the
+        # in-projection's: load them if accelerate offloaded them
+        folded = getattr(self, "attention", "plain") == "folded"
+        with onloaded(self.attn if folded else self.attn.out_proj):
             return self._compress(x, grids)
 
     def forward_split(self, features: Tensor, patch_grid_hw: Tensor) -> list[Tensor]:
@@ -233,6 +235,11 @@ class PerceiverResampler(CrossAttentionResampler):
         num_heads: attention heads; default ``max(1, hidden_size // 128)``.
         batching: ``"group"`` (one dense attention call per distinct grid, default) or ``"pad"`` (one call,
             crops padded to the longest with a key padding mask). See the module docstring.
+        attention: ``"plain"`` (default: ``nn.MultiheadAttention`` on projected keys and values) or ``"folded"``
+            (the queries folded into the key projection and the value projection applied after the weighted sum,
+            see `_attend_folded`: the same function with half the work per token; `bench/resampler.py` measured
+            it 1.16-1.23x faster in float32 on a CPU but 0.93x in bfloat16, where the fused attention wins, so it
+            is an option). Same weights either way.
     """
 
     def __init__(
@@ -242,11 +249,15 @@ class PerceiverResampler(CrossAttentionResampler):
         num_queries: int = 64,
         num_heads: int | None = None,
         batching: str = "group",
+        attention: str = "plain",
     ):
         if batching not in ("group", "pad"):
             raise ValueError(f"batching must be 'group' or 'pad', got {batching!r}")
+        if attention not in ("folded", "plain"):
+            raise ValueError(f"attention must be 'folded' or 'plain', got {attention!r}")
         super().__init__(vision_dim, hidden_size, num_queries, num_heads, eps=1e-5)
         self.batching = batching
+        self.attention = attention
         # Not a buffer: derived data, never saved in a checkpoint. Keyed by (h, w, device).
         self._pos_cache: dict[tuple[int, int, torch.device], Tensor] = {}
         self.reset_parameters()
@@ -269,7 +280,7 @@ class PerceiverResampler(CrossAttentionResampler):
     def extra_repr(self) -> str:
         return (
             f"vision_dim={self.vision_dim}, hidden_size={self.hidden_size}, num_queries={self.num_queries}, "
-            f"num_heads={self.num_heads}, batching={self.batching!r}"
+            f"num_heads={self.num_heads}, batching={self.batching!r}, attention={self.attention!r}"
         )
 
     def pos_embed(self, h: int, w: int, device=None, dtype=None) -> Tensor:
@@ -284,9 +295,39 @@ class PerceiverResampler(CrossAttentionResampler):
 
     def _attend(self, x: Tensor, pos: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """Cross-attention of the queries to a dense batch ``x`` (B, L, hidden) -> (B, Q, hidden)."""
+        if self.attention == "folded" and self.attn.in_proj_weight is not None and \
+                not (self.training and self.attn.dropout > 0):
+            return self.ln_post(self._attend_folded(x, pos, key_padding_mask)) @ self.proj
         q = self.ln_q(self.query).unsqueeze(0).expand(x.shape[0], -1, -1)
         out, _ = self.attn(q, x + pos, x, key_padding_mask=key_padding_mask, need_weights=False)
         return self.ln_post(out) @ self.proj
+
+    def _attend_folded(self, x: Tensor, pos: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """``self.attn(q, x + pos, x)`` computed without projecting the L tokens to keys and values.
+
+        Per head h: ``q_h k_j^T = (q_h W_k[h]) (x_j + pos_j)^T + q_h b_k[h]``, and the last term is the same for
+        every key, so softmax drops it: the queries fold into the key projection, ``A = q_h W_k[h] / sqrt(d)``
+        ``(heads * Q, hidden)``, and scores are ``(x + pos) A^T``. The softmax weights sum to 1, so
+        ``sum_j a_j (x_j W_v[h]^T + b_v[h]) = (sum_j a_j x_j) W_v[h]^T + b_v[h]``: the value projection runs on
+        the ``heads * Q`` weighted sums instead of the L tokens. Per token this costs ``2 * heads * Q * hidden``
+        multiply-adds instead of ``2 * hidden**2`` (plus the attention itself): half as much with 64 queries and
+        128-wide heads, exactly the same function (tested against the plain form).
+        """
+        attn, H = self.attn, self.hidden_size
+        heads, d, Q = attn.num_heads, H // attn.num_heads, self.num_queries
+        w_q, w_k, w_v = attn.in_proj_weight.split(H)
+        b_q, _, b_v = (attn.in_proj_bias.split(H) if attn.in_proj_bias is not None else (None, None, None))
+        q = nn.functional.linear(self.ln_q(self.query), w_q, b_q).view(Q, heads, d).transpose(0, 1)  # (heads, Q, d)
+        folded = (q @ w_k.view(heads, d, H)).reshape(heads * Q, H) * d**-0.5
+        scores = (x + pos) @ folded.T  # (B, L, heads * Q)
+        if key_padding_mask is not None:
+            scores = scores.masked_fill(key_padding_mask[:, :, None], float("-inf"))
+        weights = scores.softmax(dim=1).to(x.dtype)
+        sums = (weights.transpose(1, 2) @ x).view(x.shape[0], heads, Q, H)  # (B, heads, Q, hidden)
+        out = (sums @ w_v.view(heads, d, H).transpose(1, 2)).transpose(1, 2).reshape(x.shape[0], Q, H)
+        if b_v is not None:
+            out = out + b_v
+        return attn.out_proj(out)
 
     def _compress(self, x: Tensor, grids: list[tuple[int, int]]) -> Tensor:
         device = x.device
