@@ -352,3 +352,15 @@ def test_folded_attention_is_the_plain_attention(batching):
         assert rel_err(folded.double()(x.double(), g), reference_resampler(folded, x, MIXED)) < 1e-8
     with pytest.raises(ValueError, match="attention must be 'folded' or 'plain'"):
         PerceiverResampler(VD, HID, attention="fast")
+
+
+def test_the_model_config_chooses_the_attention_form():
+    from conftest import build_tiny
+
+    model, _ = build_tiny(resampler_attention="folded")
+    assert model.projector.attention == "folded"
+    assert build_tiny()[0].projector.attention == "plain"
+    from llava_uhd.modeling import LlavaUHDConfig
+
+    with pytest.raises(ValueError, match="resampler_attention must be 'plain' or 'folded'"):
+        LlavaUHDConfig(resampler_attention="fast")

@@ -26,6 +26,8 @@ class LlavaUHDConfig(PreTrainedConfig):
         max_slices: slice cap (paper 6, authors' release 7).
         num_queries: resampler queries per crop (64 in the paper).
         resampler_heads: resampler attention heads; None: ``hidden_size // 128`` (at least 1).
+        resampler_attention: how the perceiver resampler computes its attention: ``"plain"`` (default) or
+            ``"folded"`` (the same function with half the work per token; see `PerceiverResampler`).
         resampler_type: ``"perceiver"`` (the paper's perceiver resampler, default) or ``"spatial"`` (the
             release's spatially constrained resampler: ``num_queries`` on a square grid, each attending to its own
             ROI-align pooled region; ``num_queries`` must be a perfect square, 144 in the release).
@@ -58,6 +60,7 @@ class LlavaUHDConfig(PreTrainedConfig):
     max_slices: int = 6
     num_queries: int = 64
     resampler_heads: int | None = None
+    resampler_attention: Literal["plain", "folded"] = "plain"
     resampler_type: Literal["perceiver", "spatial"] = "perceiver"
     vision_feature_layer: int = -2
     image_strategy: Literal["uhd", "pad", "fixed_grid"] = "uhd"
@@ -79,6 +82,8 @@ class LlavaUHDConfig(PreTrainedConfig):
             raise ValueError(f"projector must be one of {PROJECTORS}, got {self.projector!r}")
         if self.resampler_type not in RESAMPLER_TYPES:
             raise ValueError(f"resampler_type must be one of {RESAMPLER_TYPES}, got {self.resampler_type!r}")
+        if self.resampler_attention not in ("plain", "folded"):
+            raise ValueError(f"resampler_attention must be 'plain' or 'folded', got {self.resampler_attention!r}")
         if self.overview_position not in ("after", "before"):
             raise ValueError(f"overview_position must be 'after' or 'before', got {self.overview_position!r}")
         self.fixed_grid = [int(v) for v in self.fixed_grid]

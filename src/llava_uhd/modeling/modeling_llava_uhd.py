@@ -80,7 +80,7 @@ class LlavaUHDForConditionalGeneration(LlavaUHDPreTrainedModel, GenerationMixin)
                                               config.resampler_heads)
         elif config.projector == "resampler":
             self.projector = PerceiverResampler(self.vision_tower.hidden_size, text_hidden, config.num_queries,
-                                                config.resampler_heads)
+                                                config.resampler_heads, attention=config.resampler_attention)
         else:
             self.projector = MLPProjector(self.vision_tower.hidden_size, text_hidden)
         self.language_model = (language_model if language_model is not None
