@@ -39,22 +39,53 @@ def test_output_layout_672x1008(processor):
     assert out["image_sizes"].tolist() == [[1008, 672]]
 
 
-def test_slice_pixels_match_an_independent_pipeline(processor):
-    """Each slice = crop the box, bicubic-resize, /255, CLIP-normalize: recomputed here by hand."""
-    arr = gradient(1000, 700)
-    image = Image.fromarray(arr)
-    out = processor(image)
-    plan = plan_slices(1000, 700)
-    offset = 0
-    for crop, grid in zip(plan.crops, out["patch_grid_hw"]):
+def _crop_then_resize(image, plan, box: bool) -> list[np.ndarray]:
+    """Each crop of ``plan``, bicubic-resized from its box of ``image`` (``box``: PIL's ``resize(box=...)``, whose
+    filter reads the pixels around the box; else crop first, as the release did), /255, CLIP-normalized,
+    ``(3, h, w)`` float64."""
+    out = []
+    for crop in plan.crops:
+        region = image.resize(crop.size, Image.Resampling.BICUBIC, box=crop.box) if box else \
+            image.crop(crop.box).resize(crop.size, Image.Resampling.BICUBIC)
+        ref = np.asarray(region, np.float64) / 255.0
+        out.append(((ref - OPENAI_CLIP_MEAN) / OPENAI_CLIP_STD).transpose(2, 0, 1))
+    return out
+
+
+def _crops(out) -> list[np.ndarray]:
+    crops, offset = [], 0
+    for grid in out["patch_grid_hw"]:
         n = int(grid[0] * grid[1])
-        got = unpatchify(out["pixel_values"][offset:offset + n], tuple(grid), 14)
+        crops.append(unpatchify(out["pixel_values"][offset:offset + n], tuple(grid), 14))
         offset += n
-        ref = np.asarray(image.crop(crop.box).resize(crop.size, Image.Resampling.BICUBIC), np.float64) / 255.0
-        ref = ((ref - OPENAI_CLIP_MEAN) / OPENAI_CLIP_STD).transpose(2, 0, 1)
-        assert got.shape == ref.shape
-        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
     assert offset == out["pixel_values"].shape[0]
+    return crops
+
+
+def test_slice_pixels_match_an_independent_pipeline():
+    """Without the reducing gap, each slice = bicubic-resize its box, /255, CLIP-normalize: recomputed by hand."""
+    image = Image.fromarray(gradient(1000, 700))
+    got = _crops(LlavaUHDImageProcessor(reducing_gap=None)(image))
+    want = _crop_then_resize(image, plan_slices(1000, 700), box=True)
+    assert [g.shape for g in got] == [w.shape for w in want]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_the_fast_resize_stays_within_a_grey_level_of_crop_then_resize():
+    """The default processor (``resize(box=...)`` and ``reducing_gap=3``) against the release's crop-then-resize
+    at full resolution, on a 12-megapixel photo-like picture, in 0-255 grey levels: a mean under 0.1, 99 % within
+    1.5 (the reduced steps and the filter reading across slice borders), none over 4."""
+    rng = np.random.default_rng(3)
+    image = Image.fromarray((rng.random((75, 100, 3)) * 255).astype(np.uint8)).resize((4000, 3000),
+                                                                                      Image.Resampling.BICUBIC)
+    got = np.concatenate([c.ravel() for c in _crops(LlavaUHDImageProcessor()(image))])
+    want = np.concatenate([c.ravel() for c in _crop_then_resize(image, plan_slices(4000, 3000), box=False)])
+    levels = np.abs(got - want) * min(OPENAI_CLIP_STD) * 255  # back to grey levels (at least)
+    assert levels.mean() < 0.1 and np.percentile(levels, 99) < 1.5 and levels.max() < 4, \
+        (levels.mean(), np.percentile(levels, 99), levels.max())
+    with pytest.raises(ValueError, match="reducing_gap must be >= 1 or None"):
+        LlavaUHDImageProcessor(reducing_gap=0.5)
 
 
 def test_patchify_round_trip(rng):

@@ -28,11 +28,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 
-def _resize_crop(image: Image.Image | np.ndarray, box, size, resample) -> np.ndarray:
-    """Crop ``box`` and resize it to ``size``: float32 (h, w, 3), 0-255 for PIL sources, 0-1 for float ones."""
+def _resize_crop(image: Image.Image | np.ndarray, box, size, resample, reducing_gap: float | None = None
+                 ) -> np.ndarray:
+    """Resize the ``box`` region to ``size``: float32 (h, w, 3), 0-255 for PIL sources, 0-1 for float ones. PIL
+    images resize straight from the region (``resize(box=...)``, no cropped copy), first reduced by an integer
+    factor while the region stays ``reducing_gap`` times larger than ``size`` (PIL's ``reducing_gap``)."""
     if isinstance(image, Image.Image):
-        region = image.crop(box) if box != (0, 0, *image.size) else image
-        return np.asarray(region.resize(size, resample), dtype=np.float32)
+        return np.asarray(image.resize(size, resample, box=box, reducing_gap=reducing_gap), dtype=np.float32)
     left, top, right, bottom = box
     region = image[top:bottom, left:right]
     # PIL's "F" mode resizes one float channel at full precision with the same antialiased filters.
@@ -68,6 +70,10 @@ class LlavaUHDImageProcessor(BaseImageProcessor):
         max_pixels (`int`, defaults to `DEFAULT_MAX_PIXELS`, Pillow's bomb threshold, about 179 megapixels):
             larger images are refused with a `ValueError`, from the file's header, before decoding.
         resample (`int`, defaults to ``PIL.Image.BICUBIC``): resampling filter (PIL filters are antialiased).
+        reducing_gap (`float`, defaults to 3.0): a large downscale of an 8-bit image first reduces it by an integer
+            factor (a box filter) while it stays this many times larger than the target, then resamples (PIL's
+            ``reducing_gap``: faster, and at 3 indistinguishable from a full resample in most cases); None resamples
+            from the full resolution.
         do_rescale, rescale_factor: scale 8-bit pixel values by ``1/255`` (float inputs must already be in [0, 1]).
         do_normalize, image_mean, image_std: normalization (CLIP's mean and std by default).
         image_strategy (`str`, defaults to ``"uhd"``): ``"uhd"`` (the LLaVA-UHD plan), ``"pad"`` (LLaVA-1.5: pad to a
@@ -103,6 +109,7 @@ class LlavaUHDImageProcessor(BaseImageProcessor):
         max_slices: int = 6,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
         resample: int = Image.Resampling.BICUBIC,
+        reducing_gap: float | None = 3.0,
         do_rescale: bool = True,
         rescale_factor: float = 1 / 255,
         do_normalize: bool = True,
@@ -118,6 +125,9 @@ class LlavaUHDImageProcessor(BaseImageProcessor):
         self.max_slices = int(max_slices)
         self.max_pixels = max_pixels
         self.resample = int(resample)
+        if reducing_gap is not None and not reducing_gap >= 1:
+            raise ValueError(f"reducing_gap must be >= 1 or None, got {reducing_gap!r}")
+        self.reducing_gap = None if reducing_gap is None else float(reducing_gap)
         self.do_rescale = do_rescale
         self.rescale_factor = rescale_factor
         self.do_normalize = do_normalize
@@ -214,12 +224,14 @@ class LlavaUHDImageProcessor(BaseImageProcessor):
             plan = self.plan(width, height, max_slices)
             if self.image_strategy == "pad":
                 working = self._pad_to_square(working)
+            # rescale and normalize as one multiply-add, in place: x * (r / std) - mean / std
+            r = self.rescale_factor if eight_bit and self.do_rescale else 1.0
+            scale = (r / std if self.do_normalize else np.full(3, r)).astype(np.float32)
+            offset = (mean / std if self.do_normalize else np.zeros(3)).astype(np.float32)
             for crop in plan.crops:
-                pixels = _resize_crop(working, crop.box, crop.size, self.resample)
-                if eight_bit and self.do_rescale:
-                    pixels = pixels * np.float32(self.rescale_factor)
-                if self.do_normalize:
-                    pixels = (pixels - mean) / std
+                pixels = _resize_crop(working, crop.box, crop.size, self.resample, self.reducing_gap)
+                pixels *= scale
+                pixels -= offset
                 patches.append(patchify(pixels.transpose(2, 0, 1), self.patch_size))
                 grids.append(crop.grid)
                 owners.append(i)
@@ -228,7 +240,7 @@ class LlavaUHDImageProcessor(BaseImageProcessor):
             sizes.append((height, width))
         dim = 3 * self.patch_size**2
         data = {
-            "pixel_values": np.concatenate(patches).astype(np.float32) if patches else np.zeros((0, dim), np.float32),
+            "pixel_values": np.concatenate(patches) if patches else np.zeros((0, dim), np.float32),
             "patch_grid_hw": np.asarray(grids, dtype=np.int64).reshape(-1, 2),
             "crop_image_ids": np.asarray(owners, dtype=np.int64),
             "crop_is_overview": np.asarray(overview, dtype=bool),
