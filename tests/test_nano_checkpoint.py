@@ -78,6 +78,30 @@ def test_loader_rebuilds_the_exported_weights(nano_run, nano_cache):
     assert not any(p.requires_grad for p in model.parameters())
 
 
+def test_the_rounded_tower_is_cached_and_equals_rounding_at_load(nano_run, nano_cache, monkeypatch):
+    """load_nano takes the tower's int8-rowwise copy from the backbone cache (rounded once, with its marker), and it
+    is bit for bit the tower rounded in memory; a later load rounds nothing."""
+    import llava_uhd.nano.checkpoint as checkpoint
+    from llava_uhd.backbones import prepare_backbone
+    from llava_uhd.nano.rounding import read_vision_marker, round_linear_int8_, rounded_tower
+
+    source = prepare_backbone("dinov2-s14", nano_cache, log=None)
+    said = []
+    folder = rounded_tower(source, nano_cache, said.append)
+    assert read_vision_marker(folder)["rounding"] == "int8-rowwise" and folder.parent == nano_cache
+    assert rounded_tower(source, nano_cache, said.append) == folder and "using the cached conversion" in said[-1]
+    from transformers import Dinov2Model
+
+    cached, rounded_here = Dinov2Model.from_pretrained(folder), Dinov2Model.from_pretrained(source)
+    assert round_linear_int8_(rounded_here) == 72
+    a, b = cached.state_dict(), rounded_here.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    monkeypatch.setattr(checkpoint, "round_linear_int8_", lambda m: pytest.fail("the tower was rounded again"))
+    model, _, _ = load_nano(nano_run[0] / "nano_weights", cache_dir=nano_cache)
+    q = model.vision_tower.vision_model.encoder.layer[0].attention.q_proj.weight
+    assert torch.equal(q, b["encoder.layer.0.attention.q_proj.weight"])
+
+
 def test_loader_refuses_files_that_are_not_the_listed_ones(nano_run, tmp_path):
     import shutil
 

