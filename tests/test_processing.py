@@ -237,3 +237,33 @@ def test_chat_turns_keep_typed_special_tokens_as_text(processor, tiny_tokenizer)
     # the template closes the assistant's turn with </s>: that one is a control token, the typed ones are not
     assert processor.encode_text(prompt).count(eos) == 1
     assert tiny_tokenizer(str(prompt))["input_ids"].count(eos) == 3
+
+
+@pytest.mark.parametrize("size, pattern", [
+    ((1008, 672), "I,I,I\nI,I,I\n"),      # 3 cols x 2 rows
+    ((672, 1008), "I,I\nI,I\nI,I\n"),     # 2 cols x 3 rows
+    ((336, 1344), "I\nI\nI\nI\n"),        # 1 col x 4 rows: newlines only
+    ((1344, 336), "I,I,I,I\n"),           # 4 cols x 1 row: commas, one newline
+])
+@pytest.mark.parametrize("overview", ["after", "before", "no schema"])
+def test_the_exact_token_sequence_of_asymmetric_grids(tiny_tokenizer, size, pattern, overview):
+    """The image's tokens through ``processor()``, against a layout written out by hand: slices row-major, the
+    tokenizer's own "," between the slices of a row and "\\n" after each row, the overview after (or before) them;
+    without the schema only image tokens. Two tokens per crop, so every crop is one "I" pair."""
+    processor = LlavaUHDProcessor(LlavaUHDImageProcessor(), tiny_tokenizer, num_queries=2,
+                                  overview_position="before" if overview == "before" else "after",
+                                  spatial_schema=overview != "no schema")
+    if overview == "no schema":
+        pattern = pattern.replace(",", "").replace("\n", "")
+    pattern = "I" + pattern if overview == "before" else pattern + "I"
+    symbol = {"I": [processor.image_token_id] * 2,
+              ",": tiny_tokenizer.encode(",", add_special_tokens=False),
+              "\n": tiny_tokenizer.encode("\n", add_special_tokens=False)}
+    assert len(symbol[","]) == len(symbol["\n"]) == 1 and symbol[","] != symbol["\n"]
+    want = [t for ch in pattern for t in symbol[ch]]
+    ids = processor(images=[random_image(*size)], text="A<image>B", return_tensors=None)["input_ids"][0].tolist()
+    first = ids.index(processor.image_token_id)
+    assert ids[first:first + len(want)] == want
+    # nothing else in the prompt ("A", "B", the template) is an image token or a separator
+    rest = ids[:first] + ids[first + len(want):]
+    assert not set(rest) & {processor.image_token_id, *symbol[","], *symbol["\n"]}
