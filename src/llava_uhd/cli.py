@@ -61,7 +61,7 @@ def _slice_report(path: str, plan: SlicePlan, queries: int) -> str:
 
 
 def _cmd_slice(args) -> int:
-    from .image_io import load_rgb
+    from .image_io import load_rgb, rgb_size
     from .slicing import plan_slices
     from .visualize import draw_plan
 
@@ -69,8 +69,7 @@ def _cmd_slice(args) -> int:
     overrides = {} if args.max_slices is None else {"max_slices": args.max_slices}
     try:
         image = load_rgb(args.image, config.max_pixels)
-        size = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
-        plan = plan_slices(*size, config, **overrides)
+        plan = plan_slices(*rgb_size(image), config, **overrides)
     except ValueError as e:
         print(f"llava-uhd slice: {args.image}: {e}", file=sys.stderr)
         return 2

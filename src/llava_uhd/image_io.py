@@ -27,7 +27,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .slicing import DEFAULT_MAX_PIXELS
 
-__all__ = ["load_rgb", "describe_image"]
+__all__ = ["load_rgb", "rgb_size", "describe_image", "decode_data_url"]
 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _WIDE_INT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
@@ -103,6 +103,11 @@ def _check_pixels(size: tuple[int, int], max_pixels: int | None) -> None:
         raise ValueError(f"image is empty ({w}x{h})")
     if max_pixels is not None and w * h > max_pixels:
         raise ValueError(f"{w}x{h} = {w * h} pixels exceeds max_pixels={max_pixels}")
+
+
+def rgb_size(image: Image.Image | np.ndarray) -> tuple[int, int]:
+    """``(width, height)`` of what `load_rgb` returns (a PIL image, or an ``(H, W, 3)`` float array)."""
+    return image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
 
 
 def _pil_to_working(image: Image.Image) -> Image.Image | np.ndarray:
@@ -204,7 +209,7 @@ def load_rgb(image: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS,
             other formats always decode in full.
     """
     if isinstance(image, str) and image.startswith("data:"):
-        image = _decode_data_url(image)
+        image = decode_data_url(image)
     elif isinstance(image, str) and image.startswith(("http://", "https://")):
         image = _fetch(image)
     elif isinstance(image, str) and _URL_SCHEME.match(image):
@@ -236,8 +241,7 @@ def load_rgb(image: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS,
         image = (image.float() if image.is_floating_point() else image).numpy()
     if isinstance(image, np.ndarray):
         working = _array_to_working(image)
-        size = working.size if isinstance(working, Image.Image) else (working.shape[1], working.shape[0])
-        _check_pixels(size, max_pixels)
+        _check_pixels(rgb_size(working), max_pixels)
         return working
     raise ValueError(f"unsupported image type {type(image).__name__}: expected a path, bytes, a PIL image, "
                      "a numpy array or a torch tensor")
@@ -256,7 +260,7 @@ def _check_file(path: Path) -> None:
         raise ValueError(f"'{path}' cannot be read (permission denied)")
 
 
-def _decode_data_url(url: str) -> bytes:
+def decode_data_url(url: str) -> bytes:
     """The bytes of a ``data:[<type>][;base64],<data>`` URL (base64 only: images are binary)."""
     header, sep, payload = url.partition(",")
     if not sep or not header.endswith(";base64"):

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
-from .image_io import describe_image, load_rgb
+from .image_io import describe_image, load_rgb, rgb_size
 from .slicing import DEFAULT_MAX_PIXELS, SliceConfig, SlicePlan, plan_fixed_grid, plan_slices
 
 __all__ = ["LlavaUHDImageProcessor", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "load_rgb",
@@ -220,7 +220,7 @@ class LlavaUHDImageProcessor(BaseImageProcessor):
             except ValueError as e:
                 raise ValueError(f"image {i} ({describe_image(image)}): {e}") from e
             eight_bit = isinstance(working, Image.Image)
-            width, height = working.size if eight_bit else (working.shape[1], working.shape[0])
+            width, height = rgb_size(working)
             plan = self.plan(width, height, max_slices)
             if self.image_strategy == "pad":
                 working = self._pad_to_square(working)

@@ -241,10 +241,9 @@ class LazySupervisedDataset(Dataset):
             with Image.open(image) as im:
                 return im.size
         except Exception:  # unreadable, or over Pillow's own size guard (max_pixels decides, in load_rgb)
-            from ..image_io import load_rgb
+            from ..image_io import load_rgb, rgb_size
 
-            decoded = load_rgb(image, self.processor.image_processor.max_pixels)
-            return decoded.size if isinstance(decoded, Image.Image) else (decoded.shape[1], decoded.shape[0])
+            return rgb_size(load_rgb(image, self.processor.image_processor.max_pixels))
 
     def _image_tokens(self, image) -> int:
         try:

@@ -481,13 +481,13 @@ def _size(visual, where: str, k: int) -> tuple[int, int]:
     if isinstance(visual, dict):
         raise ValueError(f"llava_uhd: {where}: visual {k} is audio or another non-image input; LLaVA-UHD reads "
                          "images")
-    from ..image_io import load_rgb
+    from ..image_io import load_rgb, rgb_size
 
     try:
         image = load_rgb(visual)
     except ValueError as e:
         raise ValueError(f"llava_uhd: {where}: visual {k}: {e} (LLaVA-UHD reads images, not videos)") from None
-    return image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
+    return rgb_size(image)
 
 
 def _conversation(context: str) -> list[str] | None:

@@ -112,8 +112,9 @@ def _image_command(conversation: Conversation, argument: str, err) -> None:
     except ValueError as e:
         print(f"error: {e}", file=err)
         return
-    shape = getattr(image, "shape", None)  # load_rgb gives a PIL image, or a float array for deep sources
-    width, height = image.size if shape is None else (shape[1], shape[0])
+    from ..image_io import rgb_size
+
+    width, height = rgb_size(image)
     print(f"added {path} ({width}x{height}): it goes into your next message", file=err)
 
 

@@ -22,13 +22,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers.generation.stopping_criteria import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from .generation import GenerationSettings, generate
+from .generation import GenerationSettings, eos_token_ids, generate
 
 __all__ = ["Job", "BatchingEngine", "EngineBusy", "EngineStopped"]
 
@@ -164,9 +164,8 @@ class BatchingEngine:
         rows = _Rows(self.processor.tokenizer, jobs)
         t0 = time.perf_counter()
         batch = generate(self.model, self.processor, [job.prompt for job in jobs], [list(job.images) for job in jobs],
-                         GenerationSettings(max_new_tokens=longest, temperature=settings.temperature,
-                                        top_p=settings.top_p, num_beams=settings.num_beams, seed=settings.seed),
-                         max_slices=jobs[0].max_slices, streamer=rows, stopping_criteria=[rows])
+                         replace(settings, max_new_tokens=longest), max_slices=jobs[0].max_slices, streamer=rows,
+                         stopping_criteria=[rows])
         rows.end()
         logger.info("batch of %d answered in %.2f s", len(jobs), time.perf_counter() - t0)
         for job, result in zip(jobs, batch.results):
@@ -188,8 +187,7 @@ class _Rows(BaseStreamer, StoppingCriteria):
 
     def __init__(self, tokenizer, jobs: list[Job]):
         self.tokenizer, self.jobs = tokenizer, jobs
-        eos = tokenizer.eos_token_id
-        self.eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        self.eos = eos_token_ids(tokenizer)
         self.ids: list[list[int]] = [[] for _ in jobs]
         self.sent = [""] * len(jobs)
         self.done = [False] * len(jobs)

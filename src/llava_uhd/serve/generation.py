@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TextStreamer, set_seed
 
-__all__ = ["GenerationSettings", "Generation", "GenerationBatch", "generate", "DTYPES"]
+__all__ = ["GenerationSettings", "Generation", "GenerationBatch", "generate", "eos_token_ids", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 """The ``--dtype`` choices of the serving commands."""
@@ -130,18 +130,23 @@ def generate(model, processor, prompts: Sequence[str], images: Sequence[Sequence
                              stopping_criteria=stopping_criteria)
     t2 = time.perf_counter()
     new = out[:, inputs["input_ids"].shape[1]:].tolist()
-    results = []
+    results, eos = [], eos_token_ids(tokenizer)
     for row, length in zip(new, lengths):
-        ids = _until_eos(row, tokenizer.eos_token_id)
+        ids = _until_eos(row, eos)
         results.append(Generation(tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, int(length)))
     if on_text is not None and not stream and len(results) == 1 and results[0].text:
         on_text(results[0].text)
     return GenerationBatch(results, inputs, t1 - t0, t2 - t1)
 
 
-def _until_eos(ids: list[int], eos) -> list[int]:
+def eos_token_ids(tokenizer) -> set[int]:
+    """The tokenizer's end-of-sequence ids as a set (its ``eos_token_id`` may be one id, a list, or None)."""
+    eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+
+
+def _until_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
     """``ids`` cut after the first end-of-sequence token (rows finished early are padded after it)."""
-    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
     for k, token in enumerate(ids):
         if token in eos_ids:
             return ids[:k + 1]

@@ -5,20 +5,20 @@
     completion(request_id, model_name, text, finish_reason, prompt_tokens, completion_tokens)   # the JSON body
     chunk(request_id, model_name, content=..., finish_reason=...)                             # one SSE event
 
-Only the standard library here: the server (`llava_uhd.serve.server`) does the HTTP, `decode_image_url` the
-images. Errors follow OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with a 4xx status.
+No HTTP here: the server (`llava_uhd.serve.server`) does that; `decode_image_url` turns an image URL into
+bytes (``data:`` URLs through `llava_uhd.image_io.decode_data_url`). Errors follow OpenAI's shape,
+``{"error": {"message", "type", "param", "code"}}``, with a 4xx status.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..image_io import decode_data_url
 from .generation import GenerationSettings
 
 __all__ = ["APIError", "Limits", "ChatRequest", "parse_chat_request", "decode_image_url", "completion", "chunk",
@@ -188,16 +188,14 @@ def decode_image_url(url: str, limits: Limits) -> bytes:
     """The bytes of an image URL: a base64 ``data:`` URL, or (with ``limits.allow_remote_images``) an http(s) one
     fetched with a timeout and a size cap. `APIError` for anything else."""
     if url.startswith("data:"):
-        header, sep, payload = url.partition(",")
-        if not sep or not header.endswith(";base64"):
-            raise APIError(400, "an image data: URL must be base64 encoded (data:image/png;base64,...)", "image_url")
-        if len(payload) * 3 // 4 > limits.max_image_bytes:
+        header, _, payload = url.partition(",")
+        if header.endswith(";base64") and len(payload) * 3 // 4 > limits.max_image_bytes:  # before decoding it
             raise APIError(413, f"an image is larger than {limits.max_image_bytes} bytes", "image_url",
                            "image_too_large")
         try:
-            return base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise APIError(400, "an image data: URL's base64 payload is malformed", "image_url") from None
+            return decode_data_url(url)
+        except ValueError as e:
+            raise APIError(400, f"image: {e}", "image_url") from None
     if url.startswith(("http://", "https://")):
         if not limits.allow_remote_images:
             raise APIError(400, "remote image URLs are refused by this server (send the image as a data: URL, or "

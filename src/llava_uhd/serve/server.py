@@ -40,11 +40,10 @@ def create_app(model, processor, model_name: str, limits=None, max_batch_size: i
     """The FastAPI app serving ``model`` (eval mode) as ``model_name``; the engine starts and stops with it."""
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-    from PIL import Image
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
-    from ..image_io import load_rgb
+    from ..image_io import load_rgb, rgb_size
     from ..modeling.context import check_context, context_limit
     from .engine import BatchingEngine, EngineBusy, EngineStopped, Job
     from .openai_api import APIError, Limits, chunk, completion, decode_image_url, error_body, parse_chat_request, \
@@ -116,7 +115,7 @@ def create_app(model, processor, model_name: str, limits=None, max_batch_size: i
             prompt = processor.render_chat(chat.messages)
         except Exception as e:  # the chat template refused the conversation (roles out of order, ...)
             raise APIError(400, f"the conversation does not fit the chat template: {e}", "messages") from None
-        sizes = [im.size if isinstance(im, Image.Image) else (im.shape[1], im.shape[0]) for im in images]
+        sizes = [rgb_size(im) for im in images]
         prompt_tokens = processor.count_prompt_tokens(prompt, sizes, chat.max_slices)
         try:
             check_context([prompt_tokens], chat.settings.max_new_tokens, context)
