@@ -102,3 +102,38 @@ def test_training_commands_check_their_numbers_and_device_first(capsys, monkeypa
         assert capsys.readouterr().err == ("llava-uhd train-nano: --device cuda: CUDA is not available here "
                                            "(use --device cpu)\n")
         assert not Path("never").exists()
+
+
+def test_free_cores_leaves_the_busy_cores_alone(monkeypatch):
+    from llava_uhd.commandline import free_cores
+
+    assert free_cores(cores=2, load=0.2) == 2  # idle: every core
+    assert free_cores(cores=2, load=1.0) == 1  # one other busy process: one thread
+    assert free_cores(cores=2, load=4.8) == 1  # never fewer than one
+    assert free_cores(cores=16, load=3.4) == 13
+    assert free_cores(cores=16, load=3.5) == 12  # rounded half up
+    monkeypatch.setattr("os.getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert free_cores() == len(__import__("os").sched_getaffinity(0))
+
+
+def test_commands_start_with_no_more_threads_than_free_cores(monkeypatch):
+    import argparse
+
+    import torch
+
+    from llava_uhd.serve import options
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(options, "free_cores", lambda: 1)
+        options.prepare_runtime(argparse.Namespace(threads=None))
+        assert torch.get_num_threads() == 1
+        options.prepare_runtime(argparse.Namespace(threads=2))  # --threads wins
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # so does the user's environment
+        options.prepare_runtime(argparse.Namespace(threads=None))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -7,6 +7,7 @@
     require_extra("train")                                   # ValueError naming the extra and the pip command
     return exit_quietly_on_closed_pipe(lambda: run(args))    # `llava-uhd slice x.png | head` ends without a trace
     quiet_import_noise()                                     # optional kernels' "Failed to load ..." unsaid
+    torch.set_num_threads(min(torch.get_num_threads(), free_cores()))   # no more threads than idle cores
 
 Light to import (the standard library only): `check_device` imports torch when it is called.
 """
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["quiet_import_noise", "CommandParser", "positive_int", "non_negative_int", "positive_float", "output_file",
-           "check_device", "EXTRAS", "require_extra", "exit_quietly_on_closed_pipe"]
+           "check_device", "EXTRAS", "require_extra", "exit_quietly_on_closed_pipe", "free_cores"]
 
 
 # optional kernels that torchao / bitsandbytes / torch announce they could not load when they are imported (through
@@ -134,3 +135,18 @@ def exit_quietly_on_closed_pipe(run: Callable[[], int]) -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+
+
+def free_cores(cores: int | None = None, load: float | None = None) -> int:
+    """The CPU cores other processes leave idle: the cores this process may run on less the 1-minute load average
+    (rounded), at least 1. A torch thread per core is right on an idle machine, but on a busy one its threads wait
+    on each other at every parallel region (two threads on a 2-core machine with one other busy process were 3-6x
+    slower than one), so the commands start with no more threads than this unless ``--threads`` says otherwise."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:  # not available on this platform
+            load = 0.0
+    return max(1, min(cores, cores - int(load + 0.5)))

@@ -11,10 +11,11 @@ Light to import (argparse only): torch and transformers load when a command runs
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
-from ..commandline import (CommandParser, check_device, exit_quietly_on_closed_pipe, positive_int,
+from ..commandline import (CommandParser, check_device, exit_quietly_on_closed_pipe, free_cores, positive_int,
                            quiet_import_noise)
 
 __all__ = ["CommandError", "add_model_arguments", "add_generation_arguments", "generation_settings",
@@ -44,7 +45,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", default="none", choices=("none", "int8"),
                         help="int8: the LLM's and the projector's linear layers in int8 (torchao; CPU inference: "
                              "less memory, see the README for speed)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="torch CPU threads (default: torch's, but no more than the cores other processes leave "
+                             "idle; OMP_NUM_THREADS, when set, is kept)")
     parser.add_argument("--max-slices", type=positive_int, default=None,
                         help="slice cap per image (default: the model's)")
 
@@ -76,7 +79,8 @@ def generation_settings(args):
 
 
 def prepare_runtime(args) -> None:
-    """Quiet transformers (no info logs or download bars) and apply ``--threads``."""
+    """Quiet transformers (no info logs or download bars) and apply ``--threads``; without it, and without
+    ``OMP_NUM_THREADS``, torch gets no more threads than `free_cores`."""
     import logging
 
     import torch
@@ -86,6 +90,8 @@ def prepare_runtime(args) -> None:
     transformers.utils.logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
+    elif not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(min(torch.get_num_threads(), free_cores()))
 
 
 def load_from_args(args, prog: str, log: Callable[[str], None] | None = None):
