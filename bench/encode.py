@@ -15,6 +15,10 @@ ViT-B/16-224 size and/or ViT-L/14-336 size, three ways:
 With ``--max-batch-tokens N`` the bucket mode is also timed with ``AdaptiveVisionEncoder(max_batch_tokens=N)``
 (dense sub-batches of at most N tokens).
 
+Each method's throughput is also given in TFLOP/s (the tower's matmul FLOPs by `llava_uhd.flops.vit_crop_flops`
+over the layers run) and as a fraction of the dense matmul peak measured in the same run on the same device and
+dtype (square ``--peak-size`` matmuls: ``8192`` on a GPU, ``2048`` on the CPU by default).
+
 All results are checked against each other (features of the real tokens). Timings are the median of
 ``--repeats`` runs after ``--warmup`` runs (``torch.cuda.synchronize`` around each on a GPU), under
 ``torch.inference_mode``. Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU; on the CPU no per-method
@@ -179,6 +183,26 @@ def peak_memory_mib(fn, device):
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+def matmul_peak_tflops(device, dtype, size: int, repeats: int = 10) -> float:
+    """The dense matmul rate this device reaches in ``dtype``: the median of ``repeats`` square ``size`` matmuls."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    with torch.inference_mode():
+        for _ in range(2):
+            a @ b
+        times = [timed(lambda: a @ b, device)[0] for _ in range(repeats)]
+    return 2 * size**3 / statistics.median(times) / 1e12
+
+
+def tower_flops(tower: dict, grids, layers_run: int, prefix_tokens: int) -> int:
+    """Matmul FLOPs of encoding ``grids`` through ``layers_run`` layers (`llava_uhd.flops.vit_crop_flops`)."""
+    from llava_uhd.flops import VisionSpec, vit_crop_flops
+
+    spec = VisionSpec(tower["label"], tower["image_size"], tower["patch_size"], tower["hidden_size"],
+                      tower["intermediate_size"], tower["num_hidden_layers"], prefix_tokens > 0)
+    return sum(vit_crop_flops(h * w, spec, layers_run) for h, w in grids)
+
+
 def bench_case(vision, processor_cls, tower_key, dtype, args, device):
     tower = TOWERS[tower_key]
     t0 = time.perf_counter()
@@ -236,13 +260,22 @@ def bench_case(vision, processor_cls, tower_key, dtype, args, device):
             print(f"  round {r + 1}/{max(repeats.values())}: " + ", ".join(line) + " ms", flush=True)
         peaks = {method: peak_memory_mib(fn, device) for method, fn in methods}
     case["loadavg_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
+    flops = tower_flops(tower, grid_list, layers_run, encoder.num_prefix_tokens)
+    peak_size = args.peak_size or (8192 if device.type == "cuda" else 2048)
+    case["tflops"] = flops / 1e12
+    case["matmul_peak_tflops_per_s"] = round(matmul_peak_tflops(device, dtype, peak_size), 2)
+    case["matmul_peak_size"] = peak_size
+    print(f"  {flops / 1e12:.3f} TFLOP per run; dense {peak_size}^3 matmul peak "
+          f"{case['matmul_peak_tflops_per_s']:.1f} TFLOP/s", flush=True)
     for method, _ in methods:
         median = statistics.median(times[method])
         peak = peaks[method]
         entry = {"median_ms": round(median * 1e3, 2), "min_ms": round(min(times[method]) * 1e3, 2),
                  "times_ms": [round(t * 1e3, 2) for t in times[method]],
                  "peak_mib": None if peak is None else round(peak, 1),
-                 "tokens_per_s": round(case["tokens"] / median)}
+                 "tokens_per_s": round(case["tokens"] / median),
+                 "tflops_per_s": round(flops / median / 1e12, 2),
+                 "of_matmul_peak": round(flops / median / 1e12 / case["matmul_peak_tflops_per_s"], 3)}
         if method == "batched-varlen":
             encoder.packing = "varlen"
             resolved = encoder.resolve_packing(device, dtype)
@@ -252,8 +285,8 @@ def bench_case(vision, processor_cls, tower_key, dtype, args, device):
         case["methods"][method] = entry
         mem = f", peak +{peak:.0f} MiB" if peak is not None else ""
         extra = f" [{entry['attention']}]" if "attention" in entry else ""
-        print(f"  {method:15s} median {median * 1e3:9.1f} ms  (min {min(times[method]) * 1e3:9.1f}){mem}{extra}",
-              flush=True)
+        print(f"  {method:15s} median {median * 1e3:9.1f} ms  (min {min(times[method]) * 1e3:9.1f}){mem}{extra}"
+              f", {entry['tflops_per_s']:.1f} TFLOP/s = {entry['of_matmul_peak']:.0%} of the matmul peak", flush=True)
     print(f"  1-min load average before / after: {case['loadavg_before_after']} "
           f"({os.cpu_count()} CPUs; a load above the CPU count means other processes competed)", flush=True)
 
@@ -295,9 +328,9 @@ def markdown(results: dict) -> str:
     lines = [f"Machine: {m.get('gpu', m['cpu'])}" + (f" (CPU {m['cpu']})" if "gpu" in m else "")
              + f", torch {m['torch']}, transformers {m['transformers']}, {m['torch_threads']} threads",
              f"Command: `{results['command']}`", "",
-             "| tower | dtype | layers run | crops / lengths | method | median ms | min ms | peak MiB | "
-             "loop / this | padded / this | check vs bucket |",
-             "|---|---|---|---|---|---:|---:|---:|---:|---:|---|"]
+             "| tower | dtype | layers run | crops / lengths | method | median ms | min ms | peak MiB | TFLOP/s "
+             "(of matmul peak) | loop / this | padded / this | check vs bucket |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for case in results["cases"]:
         layers = f"{case['layers_run']} of {case['layers_in_tower']}"
         if case["layers_overridden"]:
@@ -317,6 +350,7 @@ def markdown(results: dict) -> str:
             peak = "" if e["peak_mib"] is None else f"{e['peak_mib']:.0f}"
             lines.append(f"| {case['tower']} | {case['dtype']} | {layers} | {case['crops']} / "
                          f"{case['distinct_lengths']} | {label} | {e['median_ms']:.1f} | {e['min_ms']:.1f} | {peak} "
+                         f"| {e['tflops_per_s']:.1f} ({e['of_matmul_peak']:.0%}) "
                          f"| {loop_r} | {pad_r} | {check} |")
     return "\n".join(lines) + "\n"
 
@@ -336,6 +370,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--max-batch-tokens", type=int, default=None,
                         help="also time bucket packing with AdaptiveVisionEncoder(max_batch_tokens=N)")
+    parser.add_argument("--peak-size", type=int, default=None,
+                        help="side of the square matmuls that measure the peak (default 8192 on a GPU, 2048 on the CPU)")
     parser.add_argument("--skip-loop", action="store_true", help="do not time the crop-by-crop loop")
     parser.add_argument("--json", dest="json_out", default=None, help="write the results as JSON here")
     parser.add_argument("--markdown", default=None, help="write a markdown table of the results here")
