@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "llava_uhd"
 # the rank of each top-level module or package; a module may import only ranks at or below its own
 RANKS = {
     "runinfo": 0, "slicing": 0, "peers": 0, "image_io": 0, "lazy": 0, "commandline": 0,
-    "image_processing": 1, "visualize": 1,
+    "image_processing": 1, "image_processing_fast": 1, "visualize": 1,
     "processing": 2,
     "modeling": 3, "flops": 3, "auto": 3,
     "backbones": 4, "backbone_cache": 4, "convert": 4,

@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 # name -> (module, what registering it needs)
 _LAZY = {
     "LlavaUHDImageProcessor": ("image_processing", register_config_and_processors),
+    "LlavaUHDImageProcessorFast": ("image_processing_fast", register_config_and_processors),
     "LlavaUHDProcessor": ("processing", register_config_and_processors),
     "LlavaUHDConfig": ("modeling.configuration_llava_uhd", register_config_and_processors),
     "LlavaUHDForConditionalGeneration": ("modeling.modeling_llava_uhd", register_models),

@@ -26,14 +26,18 @@ _CONFIG_TRIGGERS = ("transformers.models.auto.configuration_auto", "transformers
 _MODEL_TRIGGERS = ("transformers.models.auto.modeling_auto",)
 # our modules that registration imports (it waits while one of them is half imported)
 _OURS = ("llava_uhd.modeling.configuration_llava_uhd", "llava_uhd.modeling.modeling_llava_uhd",
-         "llava_uhd.image_processing", "llava_uhd.processing")
+         "llava_uhd.image_processing", "llava_uhd.image_processing_fast", "llava_uhd.processing")
 
 _done = {"config": False, "models": False}
 _busy = False
 
 
 def register_config_and_processors() -> None:
-    """`AutoConfig`, `AutoImageProcessor` and `AutoProcessor` (no torch needed). Idempotent."""
+    """`AutoConfig`, `AutoImageProcessor` and `AutoProcessor` (no torch needed). Idempotent.
+
+    `AutoImageProcessor` gets the PIL processor as its ``"pil"`` backend and, where torch is installed,
+    `LlavaUHDImageProcessorFast` (torch only, no torchvision) as its ``"torchvision"`` one, the backend that
+    ``use_fast=True`` asks for."""
     if _done["config"]:
         return
     from transformers import AutoConfig, AutoImageProcessor, AutoProcessor
@@ -43,8 +47,15 @@ def register_config_and_processors() -> None:
     from .processing import LlavaUHDProcessor
 
     AutoConfig.register("llava_uhd", LlavaUHDConfig, exist_ok=True)
-    AutoImageProcessor.register(LlavaUHDConfig, image_processor_classes={"pil": LlavaUHDImageProcessor},
-                                exist_ok=True)
+    image_processors = {"pil": LlavaUHDImageProcessor}
+    try:
+        from .image_processing_fast import LlavaUHDImageProcessorFast
+    except ModuleNotFoundError as e:  # torch is optional
+        if e.name != "torch":
+            raise
+    else:
+        image_processors["torchvision"] = LlavaUHDImageProcessorFast
+    AutoImageProcessor.register(LlavaUHDConfig, image_processor_classes=image_processors, exist_ok=True)
     AutoProcessor.register(LlavaUHDConfig, LlavaUHDProcessor, exist_ok=True)
     _done["config"] = True
 

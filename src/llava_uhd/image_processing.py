@@ -19,7 +19,7 @@ from .image_io import describe_image, load_rgb, rgb_size
 from .slicing import DEFAULT_MAX_PIXELS, SliceConfig, SlicePlan, plan_fixed_grid, plan_slices
 
 __all__ = ["LlavaUHDImageProcessor", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "load_rgb",
-           "vision_image_stats"]
+           "vision_image_stats", "patchify", "unpatchify", "flatten_images"]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -42,12 +42,15 @@ def _resize_crop(image: Image.Image | np.ndarray, box, size, resample, reducing_
                      for c in range(3)], axis=-1)
 
 
-def patchify(pixels: np.ndarray, patch_size: int) -> np.ndarray:
-    """``(3, h, w)`` to ``(h/p * w/p, 3*p*p)``: patches row-major, each patch channel-major like a conv weight."""
-    c, h, w = pixels.shape
-    p = patch_size
-    x = pixels.reshape(c, h // p, p, w // p, p).transpose(1, 3, 0, 2, 4)
-    return x.reshape((h // p) * (w // p), c * p * p)
+def patchify(pixels, patch_size: int):
+    """``(..., 3, h, w)`` to ``(..., h/p * w/p, 3*p*p)``: patches row-major, each patch channel-major like a conv
+    weight. A numpy array or a torch tensor (any leading batch dimensions), returned as the same kind."""
+    *lead, c, h, w = pixels.shape
+    p, n = patch_size, len(lead)
+    x = pixels.reshape(*lead, c, h // p, p, w // p, p)
+    order = (*range(n), n + 1, n + 3, n, n + 2, n + 4)
+    x = x.permute(*order) if hasattr(x, "permute") else x.transpose(order)  # torch's transpose swaps two dims
+    return x.reshape(*lead, (h // p) * (w // p), c * p * p)
 
 
 def unpatchify(patches: np.ndarray, grid: tuple[int, int], patch_size: int) -> np.ndarray:
@@ -179,21 +182,51 @@ class LlavaUHDImageProcessor(BaseImageProcessor):
             crops = (max_slices if max_slices is not None else self.max_slices) + 1
         return 4 * crops * int(self.size["width"]) * int(self.size["height"])
 
-    def _pad_to_square(self, image: Image.Image | np.ndarray) -> Image.Image | np.ndarray:
-        """LLaVA-1.5's `expand2square`: centre the image on a square filled with the mean colour."""
+    @staticmethod
+    def square_placement(width: int, height: int) -> tuple[int, int, int]:
+        """``(side, left, top)``: the square `pad_to_square` makes of a ``width x height`` image, and where the
+        image sits in it (centred)."""
+        side = max(width, height)
+        return side, (side - width) // 2, (side - height) // 2
+
+    def pad_fill(self, eight_bit: bool) -> tuple[int, int, int] | tuple[float, float, float]:
+        """The colour `pad_to_square` fills with: the mean colour, as 0-255 integers (truncated, as LLaVA-1.5
+        does) for 8-bit images, as float32 values in [0, 1] for float ones."""
         mean = np.asarray(self.image_mean, dtype=np.float32)
-        if isinstance(image, Image.Image):
-            w, h = image.size
-            side = max(w, h)
-            canvas = Image.new("RGB", (side, side), tuple(int(v * 255) for v in mean))
-            canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+        return tuple(int(v * 255) for v in mean) if eight_bit else tuple(float(v) for v in mean)
+
+    def pad_to_square(self, image: Image.Image | np.ndarray) -> Image.Image | np.ndarray:
+        """LLaVA-1.5's `expand2square`: centre the image on a square filled with the mean colour."""
+        eight_bit = isinstance(image, Image.Image)
+        side, left, top = self.square_placement(*rgb_size(image))
+        if eight_bit:
+            canvas = Image.new("RGB", (side, side), self.pad_fill(True))
+            canvas.paste(image, (left, top))
             return canvas
         h, w = image.shape[:2]
-        side = max(w, h)
         canvas = np.empty((side, side, 3), np.float32)
-        canvas[:] = mean
-        canvas[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = image
+        canvas[:] = self.pad_fill(False)
+        canvas[top:top + h, left:left + w] = image
         return canvas
+
+    def load_working_image(self, image, index: int = 0, max_slices: int | None = None) -> Image.Image | np.ndarray:
+        """`load_rgb` as `preprocess` calls it (``max_pixels``, and the JPEG draft of `keep_pixels`): a PIL RGB
+        image for 8-bit sources, else a float32 ``(H, W, 3)`` array in [0, 1]. A `ValueError` names the image by
+        its position ``index`` in the batch and `describe_image`."""
+        try:
+            return load_rgb(image, self.max_pixels, keep_pixels=self.keep_pixels(max_slices))
+        except ValueError as e:
+            raise ValueError(f"image {index} ({describe_image(image)}): {e}") from e
+
+    def normalization_factors(self, eight_bit: bool) -> tuple[np.ndarray, np.ndarray]:
+        """``(scale, offset)``, float32 per channel: rescale and normalize are ``pixels * scale - offset``, i.e.
+        ``x * (r / std) - mean / std`` with ``r`` the rescale factor for 8-bit images (1 for float ones)."""
+        mean = np.asarray(self.image_mean, dtype=np.float32)
+        std = np.asarray(self.image_std, dtype=np.float32)
+        r = self.rescale_factor if eight_bit and self.do_rescale else 1.0
+        scale = (r / std if self.do_normalize else np.full(3, r)).astype(np.float32)
+        offset = (mean / std if self.do_normalize else np.zeros(3)).astype(np.float32)
+        return scale, offset
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -210,24 +243,17 @@ class LlavaUHDImageProcessor(BaseImageProcessor):
         """
         if kwargs:
             raise TypeError(f"unexpected arguments: {sorted(kwargs)}")
-        flat = _flatten(images)
-        mean = np.asarray(self.image_mean, dtype=np.float32)
-        std = np.asarray(self.image_std, dtype=np.float32)
+        flat = flatten_images(images)
         patches, grids, owners, overview, layouts, sizes = [], [], [], [], [], []
         for i, image in enumerate(flat):
-            try:
-                working = load_rgb(image, self.max_pixels, keep_pixels=self.keep_pixels(max_slices))
-            except ValueError as e:
-                raise ValueError(f"image {i} ({describe_image(image)}): {e}") from e
+            working = self.load_working_image(image, i, max_slices)
             eight_bit = isinstance(working, Image.Image)
             width, height = rgb_size(working)
             plan = self.plan(width, height, max_slices)
             if self.image_strategy == "pad":
-                working = self._pad_to_square(working)
+                working = self.pad_to_square(working)
             # rescale and normalize as one multiply-add, in place: x * (r / std) - mean / std
-            r = self.rescale_factor if eight_bit and self.do_rescale else 1.0
-            scale = (r / std if self.do_normalize else np.full(3, r)).astype(np.float32)
-            offset = (mean / std if self.do_normalize else np.zeros(3)).astype(np.float32)
+            scale, offset = self.normalization_factors(eight_bit)
             for crop in plan.crops:
                 pixels = _resize_crop(working, crop.box, crop.size, self.resample, self.reducing_gap)
                 pixels *= scale
@@ -278,10 +304,11 @@ def vision_image_stats(name_or_path) -> tuple[tuple[float, ...], tuple[float, ..
     return OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 
-def _flatten(images) -> list:
+def flatten_images(images) -> list:
+    """One image or a list (possibly nested per sample) of images, as a flat list in order."""
     if isinstance(images, (list, tuple)):
         out = []
         for item in images:
-            out.extend(_flatten(item) if isinstance(item, (list, tuple)) else [item])
+            out.extend(flatten_images(item) if isinstance(item, (list, tuple)) else [item])
         return out
     return [images]
