@@ -238,3 +238,22 @@ def test_normalization_settings(processor):
 def test_a_zero_std_is_refused():
     with pytest.raises(ValueError, match="image_std must not hold a 0"):
         LlavaUHDImageProcessor(image_std=(0.2, 0.0, 0.2))
+
+
+def test_large_images_resize_their_crops_in_threads_with_identical_output(monkeypatch):
+    import llava_uhd.image_processing as ip
+    from concurrent.futures import ThreadPoolExecutor
+
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 256, (1500, 2000, 3), dtype=np.uint8))
+    processor = LlavaUHDImageProcessor()
+    monkeypatch.setattr(ip, "free_cores", lambda: 1)
+    serial = processor(image, return_tensors="np")
+    pools = []
+    monkeypatch.setattr(ip, "free_cores", lambda: 3)
+    monkeypatch.setattr(ip, "ThreadPoolExecutor", lambda n: pools.append(n) or ThreadPoolExecutor(n))
+    threaded = processor(image, return_tensors="np")
+    assert pools == [3]  # 3 MP of source pixels, 7 crops, 3 idle cores
+    np.testing.assert_array_equal(threaded["pixel_values"], serial["pixel_values"])
+    np.testing.assert_array_equal(threaded["patch_grid_hw"], serial["patch_grid_hw"])
+    processor(Image.fromarray(np.zeros((600, 800, 3), np.uint8)))  # 0.5 MP: not worth a thread
+    assert pools == [3]

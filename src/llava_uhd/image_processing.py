@@ -8,6 +8,7 @@ once and encode the crops without padding any of them to the largest.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
+from .commandline import free_cores
 from .image_io import describe_image, load_rgb, rgb_size
 from .slicing import DEFAULT_MAX_PIXELS, SliceConfig, SlicePlan, plan_fixed_grid, plan_slices
 
@@ -40,6 +42,19 @@ def _resize_crop(image: Image.Image | np.ndarray, box, size, resample, reducing_
     # PIL's "F" mode resizes one float channel at full precision with the same antialiased filters.
     return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(region[:, :, c])).resize(size, resample))
                      for c in range(3)], axis=-1)
+
+
+# Below this many source pixels a resize takes about a millisecond: threads would cost more than they save.
+_PARALLEL_RESIZE_PIXELS = 2_000_000
+
+
+def _resize_workers(plan: SlicePlan) -> int:
+    """Threads for resizing ``plan``'s crops: one per crop up to the cores other processes leave idle (a thread
+    that waits for a busy core slows the whole image down), one for small images."""
+    source = sum((c.box[2] - c.box[0]) * (c.box[3] - c.box[1]) for c in plan.crops)
+    if source < _PARALLEL_RESIZE_PIXELS or len(plan.crops) < 2:
+        return 1
+    return min(len(plan.crops), free_cores())
 
 
 def patchify(pixels, patch_size: int):
@@ -254,11 +269,20 @@ class LlavaUHDImageProcessor(BaseImageProcessor):
                 working = self.pad_to_square(working)
             # rescale and normalize as one multiply-add, in place: x * (r / std) - mean / std
             scale, offset = self.normalization_factors(eight_bit)
-            for crop in plan.crops:
+
+            def crop_patches(crop, working=working, scale=scale, offset=offset):
                 pixels = _resize_crop(working, crop.box, crop.size, self.resample, self.reducing_gap)
                 pixels *= scale
                 pixels -= offset
-                patches.append(patchify(pixels.transpose(2, 0, 1), self.patch_size))
+                return patchify(pixels.transpose(2, 0, 1), self.patch_size)
+
+            workers = _resize_workers(plan)
+            if workers > 1:  # PIL and numpy release the GIL: the crops of a large image resize side by side
+                with ThreadPoolExecutor(workers) as pool:
+                    patches += pool.map(crop_patches, plan.crops)
+            else:
+                patches += map(crop_patches, plan.crops)
+            for crop in plan.crops:
                 grids.append(crop.grid)
                 owners.append(i)
                 overview.append(crop is plan.overview)
