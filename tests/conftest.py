@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import io
 
 import numpy as np
@@ -17,6 +19,25 @@ def pillow_refuses_truncated_files():
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     yield
     ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def rel_err(a, b) -> float:
+    """The relative error of ``a`` against the reference ``b``: ``||a - b|| / ||b||`` (Frobenius norms, float64), the
+    one meaning every test's tolerance is written in."""
+    import torch
+
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it: bind to port 0), for servers and torchrun's rendezvous;
+    never a fixed number, which a parallel run or another program may hold."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -37,12 +58,11 @@ def jpeg_bytes(rng) -> bytes:
 TINY_SLICE = 28  # native slice size of the tiny towers (2x2 patches of 14)
 
 
-def build_tiny_tokenizer(with_image_token: bool = True):
-    """A byte-level BPE tokenizer trained here (no downloads), with the image token added unless told not to."""
+@functools.lru_cache(maxsize=None)
+def _trained_tiny_tokenizer():
+    """The byte-level BPE of the tiny models, trained once per session (no downloads)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from llava_uhd.processing import LlavaUHDProcessor
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -52,8 +72,16 @@ def build_tiny_tokenizer(with_image_token: bool = True):
     corpus = ["A chat between a curious human and an artificial intelligence assistant. USER: What colour is the "
               "shape? How many circles are there? ASSISTANT: red, green, blue, three\n"] * 20
     tok.train_from_iterator(corpus, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        padding_side="left")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   padding_side="left")
+
+
+def build_tiny_tokenizer(with_image_token: bool = True):
+    """A copy of the tiny byte-level BPE tokenizer (trained once per session), with the image token added unless
+    told not to. Each call returns its own copy: tests add tokens and chat templates to theirs."""
+    from llava_uhd.processing import LlavaUHDProcessor
+
+    tokenizer = copy.deepcopy(_trained_tiny_tokenizer())
     return LlavaUHDProcessor.add_image_token(tokenizer) if with_image_token else tokenizer
 
 
@@ -78,27 +106,57 @@ def tiny_text_config(vocab_size: int):
                        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512)
 
 
+TINY_SETTINGS = {"num_queries": 4}
+"""Where the tiny models' settings (`LlavaUHDConfig` fields) differ from the defaults: everything else, for the
+config, the image processor and the processor alike, comes from `LlavaUHDConfig`'s own defaults."""
+
+
+def tiny_config(kind: str = "clip", tokenizer=None, **settings):
+    """The `LlavaUHDConfig` of a tiny model: `TINY_SETTINGS` overridden by ``settings``, the tiny towers of
+    ``kind``, sized for ``tokenizer`` (default: `build_tiny_tokenizer`)."""
+    from llava_uhd import LlavaUHDConfig
+
+    tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
+    return LlavaUHDConfig(vision_config=tiny_vision_config(kind).to_dict(),
+                          text_config=tiny_text_config(len(tokenizer) - 1).to_dict(),
+                          image_token_id=tokenizer.convert_tokens_to_ids("<image>"), **{**TINY_SETTINGS, **settings})
+
+
+def processor_for(config, tokenizer=None, **processor_kwargs):
+    """The `LlavaUHDProcessor` matching ``config``: its image processor and token layout read from the config's
+    fields (slice size, patch size, slice cap, image strategy, fixed grid; queries, projector, spatial schema,
+    overview position), so they are written once. ``processor_kwargs``: more `LlavaUHDProcessor` arguments
+    (``chat_template``)."""
+    from llava_uhd.image_processing import LlavaUHDImageProcessor
+    from llava_uhd.processing import LlavaUHDProcessor
+
+    tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
+    image_processor = LlavaUHDImageProcessor(
+        size={"height": config.slice_size, "width": config.slice_size}, patch_size=config.patch_size,
+        max_slices=config.max_slices, image_strategy=config.image_strategy, fixed_grid=config.fixed_grid)
+    processor = LlavaUHDProcessor(image_processor, tokenizer, num_queries=config.num_queries,
+                                  projector=config.projector, spatial_schema=config.spatial_schema,
+                                  overview_position=config.overview_position, **processor_kwargs)
+    assert processor.image_token_id == config.image_token_id
+    return processor
+
+
+def tiny_processor(tokenizer=None, kind: str = "clip", **settings):
+    """The processor of ``build_tiny(kind, **settings)`` (no model built), on ``tokenizer`` if given."""
+    tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
+    return processor_for(tiny_config(kind, tokenizer, **settings), tokenizer)
+
+
 def build_tiny(kind: str = "clip", **settings):
     """(model, processor) of a tiny random LLaVA-UHD; ``settings`` are LlavaUHDConfig fields."""
     import torch
 
-    from llava_uhd import LlavaUHDConfig, LlavaUHDForConditionalGeneration
-    from llava_uhd.image_processing import LlavaUHDImageProcessor
-    from llava_uhd.processing import LlavaUHDProcessor
+    from llava_uhd import LlavaUHDForConditionalGeneration
 
-    settings = {"num_queries": 4, **settings}
     tokenizer = build_tiny_tokenizer()
-    image_processor = LlavaUHDImageProcessor(
-        size={"height": TINY_SLICE, "width": TINY_SLICE}, patch_size=14, max_slices=settings.get("max_slices", 6),
-        image_strategy=settings.get("image_strategy", "uhd"), fixed_grid=settings.get("fixed_grid", (2, 2)))
-    processor = LlavaUHDProcessor(
-        image_processor, tokenizer, num_queries=settings["num_queries"],
-        projector=settings.get("projector", "resampler"), spatial_schema=settings.get("spatial_schema", True),
-        overview_position=settings.get("overview_position", "after"))
+    config = tiny_config(kind, tokenizer, **settings)
+    processor = processor_for(config, tokenizer)
     torch.manual_seed(0)
-    config = LlavaUHDConfig(vision_config=tiny_vision_config(kind).to_dict(),
-                            text_config=tiny_text_config(len(tokenizer) - 1).to_dict(),
-                            image_token_id=processor.image_token_id, **settings)
     return LlavaUHDForConditionalGeneration(config).eval(), processor
 
 

@@ -54,6 +54,7 @@ def expected_visual_tokens(variant: str, width: int, height: int, settings: Abla
     return plan.num_tokens(q, schema)
 
 
+@pytest.mark.slow
 def test_quick_run_writes_everything(quick_run, capsys):
     out, results = quick_run
     assert (out / "accuracy.png").stat().st_size > 5000
@@ -80,6 +81,7 @@ def test_quick_run_writes_everything(quick_run, capsys):
         assert kind in table and kind in md
 
 
+@pytest.mark.slow
 def test_quick_run_token_counts_and_flops(quick_run):
     _, results = quick_run
     settings = AblationSettings.quick()

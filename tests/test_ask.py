@@ -13,7 +13,8 @@ from llava_uhd.data.synthetic import generate_sample
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
-              pytest.mark.usefixtures("one_torch_thread")]
+              pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.slow]  # slow: real SmolLM2 + DINOv2 backbones (the nano model)
 
 
 

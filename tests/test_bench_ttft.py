@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # the time-to-first-token bench, end to end
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 

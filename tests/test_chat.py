@@ -135,6 +135,7 @@ def _read_until(fd, pattern: str, seen: bytearray, timeout: float = 240.0) -> st
         seen += chunk
 
 
+@pytest.mark.slow
 def test_chat_in_a_terminal(tiny_dir):
     """``python -m llava_uhd.cli chat`` in a pseudo-terminal: two turns, both answers as ``model.generate`` gives
     them for the conversation so far (the second prompt holds the first exchange), then /quit."""

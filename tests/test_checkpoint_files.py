@@ -166,6 +166,7 @@ def test_ask_says_it_in_one_line(saved, tmp_path, capsys, which, damage, message
     assert str(folder) in captured.err and re.search(message, captured.err)
 
 
+@pytest.mark.slow
 def test_ask_in_a_process_of_its_own_prints_no_traceback(saved, tmp_path):
     folder = _copy(saved, tmp_path)
     _truncate(folder / "model.safetensors")

@@ -1,4 +1,5 @@
-"""`llava-uhd convert`: the authors' release layout -> this project's format, and the spatial resampler it needs."""
+"""`llava-uhd convert`: the authors' release layout -> this project's format (the spatial resampler it needs:
+`test_spatial_resampler`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from conftest import build_tiny_tokenizer, random_image
 
 from llava_uhd.convert import ConversionError, add_convert_arguments, convert_release, run_convert
-from llava_uhd.modeling.spatial_resampler import SpatialResampler, pooling_size
+from llava_uhd.modeling.spatial_resampler import SpatialResampler
 
 # tiny sizes that keep the release's rules: CLIP heads of 64 dims, resampler heads = hidden / 128, 12x12 queries
 VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1, patch_size=14,
@@ -19,10 +20,6 @@ VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_at
 LLM = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
            max_position_embeddings=2048, rms_norm_eps=1e-6)  # 5 crops x 144 queries fit
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
-
-
-def rel_err(a, b):
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
 
 
 # ------------------------------------------------------------------------------------- a synthetic release
@@ -253,149 +250,3 @@ def test_index_that_does_not_match_the_shards(tmp_path, release, vocab_size):
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ConversionError, match=r"listed but absent: model\.mm_projector\.ghost"):
         convert_release(src, tmp_path / "out")
-
-
-# ------------------------------------------------------------------------------------- the spatial resampler
-def test_pooling_rule():
-    assert pooling_size(24, 24) == (3, 3)
-    assert pooling_size(20, 29) == (2, 3)  # 1.45:1 -> 3:2
-    assert pooling_size(17, 33) == (2, 4)  # ~2:1
-    assert pooling_size(33, 17) == (4, 2)
-    assert pooling_size(21, 28) == (3, 4)  # 4:3
-    assert pooling_size(1, 100) == (2, 4)  # extreme: the widest candidate
-    # the candidates come in transposed pairs and the comparison is exact, so transposing a crop transposes its
-    # pooled grid (a floating-point comparison could flip near-ties)
-    for h in range(1, 41):
-        for w in range(1, 41):
-            ph, pw = pooling_size(h, w)
-            assert pooling_size(w, h) == (pw, ph)
-
-
-def _bilinear(feat, y, x):
-    """torchvision ROI-align's bilinear sample of feat (H, W, C) at (y, x), float64, written out."""
-    H, W = feat.shape[:2]
-    if y < -1.0 or y > H or x < -1.0 or x > W:
-        return torch.zeros(feat.shape[-1], dtype=feat.dtype)
-    y, x = max(y, 0.0), max(x, 0.0)
-    y0, x0 = int(math.floor(y)), int(math.floor(x))
-    if y0 >= H - 1:
-        y0 = y1 = H - 1
-        y = float(y0)
-    else:
-        y1 = y0 + 1
-    if x0 >= W - 1:
-        x0 = x1 = W - 1
-        x = float(x0)
-    else:
-        x1 = x0 + 1
-    ly, lx = y - y0, x - x0
-    hy, hx = 1 - ly, 1 - lx
-    return hy * hx * feat[y0, x0] + hy * lx * feat[y0, x1] + ly * hx * feat[y1, x0] + ly * lx * feat[y1, x1]
-
-
-def _reference(resampler: SpatialResampler, feat: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """The spatial resampler straight from its description, one query at a time, float64."""
-    p = {k: v.double() for k, v in resampler.state_dict().items()}
-    H = resampler.hidden_size
-    g = resampler.grid_size
-    heads = resampler.num_heads
-
-    def ln(x, name):
-        mu = x.mean(-1, keepdim=True)
-        var = ((x - mu) ** 2).mean(-1, keepdim=True)
-        return (x - mu) / torch.sqrt(var + 1e-6) * p[name + ".weight"] + p[name + ".bias"]
-
-    x = ln(feat.double() @ p["kv_proj.weight"].T, "ln_kv").reshape(h, w, H)
-    table = p["pos_embed"].reshape(g, g, H).permute(2, 0, 1)[None]
-    pos = torch.nn.functional.interpolate(table, size=(h, w), mode="bicubic", align_corners=False)[0]
-    keys_map = x + pos.permute(1, 2, 0)
-    both = torch.cat([keys_map, x], dim=-1)
-    ph, pw = pooling_size(h, w)
-    queries = ln(p["query"], "ln_q") + p["pos_embed"]
-    wq, wk, wv = p["attn.in_proj_weight"].chunk(3)
-    bq, bk, bv = p["attn.in_proj_bias"].chunk(3)
-    d = H // heads
-    out = []
-    for i in range(g):
-        for j in range(g):
-            # region (i, j) in feature units; aligned=False: no half-pixel shift, sides at least 1
-            y1, x1 = i * h / g, j * w / g
-            rh, rw = max(h / g, 1.0), max(w / g, 1.0)
-            sy, sx = math.ceil(rh / ph), math.ceil(rw / pw)  # adaptive sampling ratio
-            pooled = []  # each bin: the mean of its sy x sx bilinear samples (keys and values side by side)
-            for by in range(ph):
-                for bx in range(pw):
-                    acc = torch.zeros(2 * H, dtype=torch.float64)
-                    for iy in range(sy):
-                        for ix in range(sx):
-                            yy = y1 + by * rh / ph + (iy + 0.5) * rh / ph / sy
-                            xx = x1 + bx * rw / pw + (ix + 0.5) * rw / pw / sx
-                            acc += _bilinear(both, yy, xx)
-                    pooled.append(acc / (sy * sx))
-            pooled = torch.stack(pooled)
-            k = pooled[:, :H] @ wk.T + bk
-            v = pooled[:, H:] @ wv.T + bv
-            q = queries[i * g + j] @ wq.T + bq
-            heads_out = []
-            for hd in range(heads):
-                sl = slice(hd * d, (hd + 1) * d)
-                att = torch.softmax(k[:, sl] @ q[sl] / math.sqrt(d), dim=0)
-                heads_out.append(att @ v[:, sl])
-            o = torch.cat(heads_out) @ p["attn.out_proj.weight"].T + p["attn.out_proj.bias"]
-            out.append(o)
-    out = ln(torch.stack(out), "ln_post") @ p["proj"]
-    return out
-
-
-@torch.no_grad()
-def test_spatial_resampler_matches_the_slow_reference():
-    torch.manual_seed(0)
-    resampler = SpatialResampler(24, 256, 144).eval()
-    for t in resampler.parameters():  # non-trivial norms and biases
-        t.add_(0.1 * torch.randn_like(t))
-    # square, 3:2, an extreme slice (2 samples per bin across, regions < 1 feature down), tiny maps
-    grids = [(24, 24), (20, 29), (8, 67), (5, 3), (2, 2)]
-    feats = torch.randn(sum(h * w for h, w in grids), 24)
-    out = resampler(feats, torch.tensor(grids))
-    assert out.shape == (len(grids), 144, 256)
-    start = 0
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # thousands of tiny float64 ops: threading only adds overhead
-    try:
-        refs = []
-        for h, w in grids:
-            refs.append(_reference(resampler, feats[start:start + h * w], h, w))
-            start += h * w
-    finally:
-        torch.set_num_threads(threads)
-    for k, ((h, w), ref) in enumerate(zip(grids, refs)):
-        assert rel_err(out[k], ref) < 1e-5, (h, w, rel_err(out[k], ref))
-    # packing: a crop alone gives the same result as in the batch
-    alone = resampler(feats[: 24 * 24], torch.tensor([[24, 24]]))
-    assert rel_err(alone[0], out[0]) < 1e-6
-
-
-@torch.no_grad()
-def test_each_query_sees_only_its_region():
-    torch.manual_seed(1)
-    resampler = SpatialResampler(16, 128, 144).eval()
-    h, w = 24, 36
-    feats = torch.randn(h * w, 16)
-    base = resampler(feats, torch.tensor([[h, w]]))[0]
-    changed = feats.clone().reshape(h, w, 16)
-    changed[:2, :3] += 5.0  # region (0, 0) is rows [0, 2) x cols [0, 3)
-    out = resampler(changed.reshape(-1, 16), torch.tensor([[h, w]]))[0]
-    moved = ((out - base).abs().amax(-1) > 1e-6).reshape(12, 12)
-    # 24x36 (3:2) pools each 2x3 region to 2x3 bins, one sample each at (r + 0.5, c + 0.5) (aligned=False): the
-    # samples of region (0, 0) are the only ones reading rows 0-1 x cols 0-2
-    assert moved[0, 0] and int(moved.sum()) == 1
-
-
-def test_resampler_type_setting():
-    from llava_uhd import LlavaUHDConfig
-
-    assert LlavaUHDConfig().resampler_type == "perceiver"  # the paper's resampler stays the default
-    with pytest.raises(ValueError, match="resampler_type"):
-        LlavaUHDConfig(resampler_type="roi")
-    with pytest.raises(ValueError, match="perfect square"):
-        SpatialResampler(16, 128, 64 + 1)

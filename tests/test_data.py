@@ -7,28 +7,21 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import TINY_SLICE, build_tiny, build_tiny_tokenizer, random_image
+from conftest import build_tiny, build_tiny_tokenizer, random_image, tiny_processor
 
 from llava_uhd.data.llava_data import DataCollatorForLlavaUHD, DataError, LazySupervisedDataset
 from llava_uhd.data.sampler import (LengthGroupedSampler, get_length_grouped_indices,
                                     get_modality_length_grouped_indices)
 from llava_uhd.data.templates import tokenize_conversation
-from llava_uhd.image_processing import LlavaUHDImageProcessor
-from llava_uhd.processing import IGNORE_INDEX, LlavaUHDProcessor
+from llava_uhd.processing import IGNORE_INDEX
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 
 
-def make_processor(tokenizer=None, **kwargs):
-    tokenizer = tokenizer or build_tiny_tokenizer()
-    image_processor = LlavaUHDImageProcessor(size={"height": TINY_SLICE, "width": TINY_SLICE}, patch_size=14)
-    return LlavaUHDProcessor(image_processor, tokenizer, num_queries=4, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def proc():
-    return make_processor()
+    return tiny_processor()
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +30,7 @@ def chatml_proc():
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]},
                            replace_extra_special_tokens=False)
     tok.chat_template = CHATML
-    return make_processor(tok)
+    return tiny_processor(tok)
 
 
 @pytest.fixture(scope="module")

@@ -100,6 +100,7 @@ def _peak_rss_growth_mb(tmp_path, code: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_a_decompression_bomb_is_refused_from_its_header(tmp_path):
     from conftest import png_bomb
 
@@ -129,6 +130,7 @@ def test_pillows_global_guard_is_neither_used_nor_touched(monkeypatch):
     assert Image.MAX_IMAGE_PIXELS == 100
 
 
+@pytest.mark.slow
 def test_a_48_megapixel_photo_decodes_at_a_reduced_scale_in_bounded_memory(tmp_path):
     from PIL import Image
 

@@ -240,6 +240,101 @@ def test_a_zero_std_is_refused():
         LlavaUHDImageProcessor(image_std=(0.2, 0.0, 0.2))
 
 
+# ------------------------------------------------------------------------------------------ the ablation strategies
+# LLaVA-1.5's expand2square fills with tuple(int(x * 255) for x in image_mean): CLIP's mean is 0.4815, 0.4578, 0.4082,
+# i.e. 122.77, 116.75, 104.09 grey levels, truncated
+CLIP_FILL = (122, 116, 104)
+RED = (255, 0, 0)
+
+
+def normalized(rgb255) -> np.ndarray:
+    """An 8-bit colour as the processor's output values (/255, CLIP mean and std), float64, shape (3,)."""
+    return (np.asarray(rgb255, np.float64) / 255.0 - OPENAI_CLIP_MEAN) / OPENAI_CLIP_STD
+
+
+def _pad_layout(side: int, image_rows: range, image_cols: range, image_value, fill_value) -> np.ndarray:
+    """(3, side, side): ``fill_value`` everywhere but the block of ``image_rows`` x ``image_cols``."""
+    want = np.empty((3, side, side))
+    want[:] = np.asarray(fill_value, np.float64)[:, None, None]
+    want[:, image_rows.start:image_rows.stop, image_cols.start:image_cols.stop] = \
+        np.asarray(image_value, np.float64)[:, None, None]
+    return want
+
+
+@pytest.mark.parametrize("width, height, rows, cols", [
+    (112, 56, range(28, 84), range(0, 112)),  # landscape: 28 rows of fill above, 28 below
+    (56, 112, range(0, 112), range(28, 84)),  # portrait: 28 columns left and right
+    (112, 55, range(28, 83), range(0, 112)),  # odd margin (57 rows): 28 above, 29 below, as expand2square does
+])
+def test_pad_centres_the_image_on_the_mean_colour(width, height, rows, cols):
+    """``image_strategy="pad"`` at a native size equal to the padded square (112), so no resize blurs the edges: the
+    output is exactly the fill colour outside the centred image, the image's colour inside."""
+    processor = LlavaUHDImageProcessor(size={"height": 112, "width": 112}, image_strategy="pad")
+    out = processor(Image.new("RGB", (width, height), RED))
+    assert out["patch_grid_hw"].tolist() == [[8, 8]] and out["image_layout"].tolist() == [[1, 1]]
+    assert out["crop_is_overview"].tolist() == [False]
+    assert out["image_sizes"].tolist() == [[height, width]]  # the image's own size, not the square's
+    got = unpatchify(out["pixel_values"], (8, 8), 14)
+    np.testing.assert_allclose(got, _pad_layout(112, rows, cols, normalized(RED), normalized(CLIP_FILL)), atol=1e-5)
+
+
+def test_pad_of_a_float_image_fills_with_the_exact_mean():
+    """A float image in [0, 1] pads with the mean itself (not truncated to 8 bits): the fill normalizes to 0."""
+    processor = LlavaUHDImageProcessor(size={"height": 112, "width": 112}, image_strategy="pad")
+    image = np.zeros((56, 112, 3), np.float32)
+    image[..., 0] = 1.0  # red
+    got = unpatchify(processor(image)["pixel_values"], (8, 8), 14)
+    red = (np.array([1.0, 0.0, 0.0]) - OPENAI_CLIP_MEAN) / OPENAI_CLIP_STD
+    np.testing.assert_allclose(got, _pad_layout(112, range(28, 84), range(112), red, np.zeros(3)), atol=1e-5)
+
+
+def test_pad_100x50_matches_expand2square_then_resize():
+    """The 100x50 red image: padded by hand to 100x100 (rows 25-74 red, the rest the mean colour), bicubic-resized
+    to 336x336 with PIL, /255, CLIP-normalized, against the processor's one crop."""
+    canvas = np.empty((100, 100, 3), np.uint8)
+    canvas[:] = CLIP_FILL
+    canvas[25:75] = RED
+    ref = np.asarray(Image.fromarray(canvas).resize((336, 336), Image.Resampling.BICUBIC), np.float64) / 255.0
+    want = ((ref - OPENAI_CLIP_MEAN) / OPENAI_CLIP_STD).transpose(2, 0, 1)
+    out = LlavaUHDImageProcessor(image_strategy="pad")(Image.new("RGB", (100, 50), RED))
+    assert out["patch_grid_hw"].tolist() == [[24, 24]]
+    got = unpatchify(out["pixel_values"], (24, 24), 14)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # away from the edges (rows 84 and 252; bicubic reads 2 source pixels, 6.7 output rows, either side): the fill
+    # at the top and bottom, red between
+    fill, red = (np.broadcast_to(normalized(c)[:, None, None], (3, 76, 336)) for c in (CLIP_FILL, RED))
+    np.testing.assert_allclose(got[:, :76], fill, atol=1e-5)
+    np.testing.assert_allclose(got[:, 92:168], red, atol=1e-5)
+    np.testing.assert_allclose(got[:, 168:244], red, atol=1e-5)
+    np.testing.assert_allclose(got[:, 260:], fill, atol=1e-5)
+
+
+def test_fixed_grid_3_columns_2_rows():
+    """``fixed_grid=(3, 2)``: 3 columns x 2 rows. A 1512x448 image of six flat blocks of 504x224 (one colour per
+    block) cuts into exactly those blocks, row-major (top row left to right, then the bottom row), each kept at
+    504x224 (sqrt(576 * 9/4) = 36 by sqrt(576 * 4/9) = 16 patches: the block's own size, so no resampling), then the
+    overview: sqrt(576 * 27/8) = 44.09 -> 44 by sqrt(576 * 8/27) = 13.06 -> 13 patches (572 <= 576)."""
+    colours = [(200, 0, 0), (0, 200, 0), (0, 0, 200), (200, 200, 0), (0, 200, 200), (200, 0, 200)]
+    pixels = np.zeros((448, 1512, 3), np.uint8)
+    for k, colour in enumerate(colours):
+        row, col = divmod(k, 3)
+        pixels[row * 224:(row + 1) * 224, col * 504:(col + 1) * 504] = colour
+    processor = LlavaUHDImageProcessor(image_strategy="fixed_grid", fixed_grid=(3, 2))
+    out = processor(Image.fromarray(pixels))
+    assert out["image_layout"].tolist() == [[2, 3]]  # (rows, cols)
+    assert out["patch_grid_hw"].tolist() == [[16, 36]] * 6 + [[13, 44]]
+    assert out["crop_is_overview"].tolist() == [False] * 6 + [True]
+    crops = _crops(out)
+    for k, colour in enumerate(colours):
+        want = np.broadcast_to(normalized(colour)[:, None, None], (3, 224, 504))
+        np.testing.assert_allclose(crops[k], want, atol=1e-5, err_msg=f"slice {k}")
+    # the plan says the same, box by box
+    plan = processor.plan(1512, 448)
+    assert (plan.cols, plan.rows) == (3, 2)
+    assert [s.box for s in plan.slices] == [(0, 0, 504, 224), (504, 0, 1008, 224), (1008, 0, 1512, 224),
+                                            (0, 224, 504, 448), (504, 224, 1008, 448), (1008, 224, 1512, 448)]
+
+
 def test_large_images_resize_their_crops_in_threads_with_identical_output(monkeypatch):
     import llava_uhd.image_processing as ip
     from concurrent.futures import ThreadPoolExecutor

@@ -254,6 +254,7 @@ def test_without_lmms_eval_the_adapter_says_how_to_install_it():
         import llava_uhd.eval.lmms_adapter  # noqa: F401
 
 
+@pytest.mark.slow  # lmms-eval's own CLI and evaluator on a tiny model
 @needs_lmms
 def test_cli_generation_equals_generate_alone_cut_at_until(tiny, cli_run):
     _, model, processor, docs = tiny
@@ -271,6 +272,7 @@ def test_cli_generation_equals_generate_alone_cut_at_until(tiny, cli_run):
     assert cut, "the stop string cut no answer"
 
 
+@pytest.mark.slow  # lmms-eval's own CLI and evaluator on a tiny model
 @needs_lmms
 def test_cli_max_slices_from_the_task_generation_kwargs(tiny, cli_run):
     _, model, processor, docs = tiny
@@ -285,6 +287,7 @@ def test_cli_max_slices_from_the_task_generation_kwargs(tiny, cli_run):
     assert fewer >= 2  # the documents with images got fewer image tokens
 
 
+@pytest.mark.slow  # lmms-eval's own CLI and evaluator on a tiny model
 @needs_lmms
 def test_cli_multiple_choice_scores_are_the_mean_negative_logprob(tiny, cli_run):
     _, model, processor, docs = tiny
@@ -302,6 +305,7 @@ def test_cli_multiple_choice_scores_are_the_mean_negative_logprob(tiny, cli_run)
         assert row["acc"] == float(CHOICES[best] == doc["answer"])
 
 
+@pytest.mark.slow  # lmms-eval's own CLI and evaluator on a tiny model
 @needs_lmms
 def test_cli_multi_round(tiny, cli_run):
     _, model, processor, docs = tiny
@@ -313,6 +317,7 @@ def test_cli_multi_round(tiny, cli_run):
         assert row["filtered_resps"] == expected, doc["id"]
 
 
+@pytest.mark.slow  # lmms-eval's own CLI and evaluator on a tiny model
 @needs_lmms
 def test_batched_equals_one_at_a_time_with_mixed_settings(tiny, adapter):
     _, model, processor, docs = tiny
@@ -333,6 +338,7 @@ def test_batched_equals_one_at_a_time_with_mixed_settings(tiny, adapter):
                                 kw["max_new_tokens"])[1]
 
 
+@pytest.mark.slow  # lmms-eval's own CLI and evaluator on a tiny model
 @needs_lmms
 def test_until_cuts_each_row_at_its_own_first_stop(tiny, adapter):
     _, model, processor, docs = tiny
@@ -351,6 +357,7 @@ def test_until_cuts_each_row_at_its_own_first_stop(tiny, adapter):
     assert sum(a != r.strip() for a, r in zip(got, raws)) >= 1
 
 
+@pytest.mark.slow  # lmms-eval's own CLI and evaluator on a tiny model
 @needs_lmms
 def test_loglikelihood_equals_logprob_from_the_logits(tiny, adapter):
     _, model, processor, docs = tiny
@@ -374,6 +381,7 @@ def test_loglikelihood_equals_logprob_from_the_logits(tiny, adapter):
         adapter.likelihood = "loss"
 
 
+@pytest.mark.slow  # lmms-eval's own CLI and evaluator on a tiny model
 @needs_lmms
 def test_unknown_model_arguments_and_video_are_refused(tiny, adapter):
     from llava_uhd.eval.lmms_adapter import LlavaUHDLmms
@@ -393,6 +401,7 @@ def test_unknown_model_arguments_and_video_are_refused(tiny, adapter):
         adapter.generate_until([bad])
 
 
+@pytest.mark.slow  # lmms-eval's own CLI and evaluator on a tiny model
 @needs_lmms
 def test_answer_budget_is_cut_to_the_context_left(tiny, adapter):
     _, model, processor, docs = tiny

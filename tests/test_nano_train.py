@@ -11,7 +11,8 @@ import pytest
 from llava_uhd.nano.train import train_nano
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning"),
-              pytest.mark.usefixtures("one_torch_thread")]
+              pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.slow]  # slow: a nano training run on the real backbones
 
 
 

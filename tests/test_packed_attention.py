@@ -7,6 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from conftest import rel_err  # noqa: E402
 from transformers import CLIPVisionConfig  # noqa: E402
 
 from llava_uhd.modeling import packed_attention  # noqa: E402
@@ -29,11 +30,6 @@ def random_crops(grids, seed):
     rows = sum(h * w for h, w in grids)
     pixels = torch.randn(rows, 3 * 7 * 7, generator=torch.Generator().manual_seed(seed))
     return pixels, torch.tensor(grids, dtype=torch.int64)
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _reference_segment_attention(q, k, v, lengths, scale=None):

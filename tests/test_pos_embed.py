@@ -5,12 +5,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import rel_err  # noqa: E402
+
 from llava_uhd.modeling.pos_embed import interpolate_pos_embed  # noqa: E402
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _cubic(x, a=-0.75):

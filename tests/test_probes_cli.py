@@ -11,6 +11,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import free_port
 from PIL import Image
 
 from llava_uhd.data.synthetic import COLOURS, PADDING_GREY
@@ -248,7 +249,7 @@ def test_a_quick_run_on_a_tiny_model_folder(tiny, tmp_path, capsys):
     (["probe", "padding", "--aspects", "2:0"], "aspect ratio"),
     (["probe", "padding", "--endpoint", "ftp://x"], "http:// or https://"),
     (["probe", "padding", "--endpoint", "http://127.0.0.1:9", "--image-strategy", "pad"], "for a local model"),
-    (["probe", "padding", "--endpoint", "http://127.0.0.1:9", "--quick"], "cannot reach"),
+    (["probe", "padding", "--endpoint", f"http://127.0.0.1:{free_port()}", "--quick"], "cannot reach"),  # no one there
 ])
 def test_user_mistakes_are_one_line(argv, message, tmp_path, capsys):
     from llava_uhd.cli import main

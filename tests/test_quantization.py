@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import build_tiny, random_image
+from conftest import build_tiny, random_image, rel_err
 from torch import nn
 
 from llava_uhd import LlavaUHDConfig, LlavaUHDForConditionalGeneration
@@ -41,10 +41,6 @@ def quiet_torch_ao(test):
     """torch dynamic quantization (torch.ao.quantization) warns that it is deprecated in favour of torchao."""
     test = pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated:DeprecationWarning")(test)
     return pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")(test)
-
-
-def rel_err(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import rel_err
 
 from llava_uhd.modeling.projector import MLPProjector
 from llava_uhd.modeling.resampler import PerceiverResampler, get_2d_sincos_pos_embed
 
 VD, HID, Q, HEADS = 24, 32, 64, 4
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 def packed(grids, vision_dim=VD, seed=0):

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from conftest import free_port
 from serve_helpers import picture, save_tiny
 
 from llava_uhd.serve.generation import GenerationSettings, generate
@@ -73,12 +73,6 @@ def _get(url, **kw) -> Reply:
 
 def _post_json(url, body, timeout: float = 300) -> Reply:
     return _http("POST", url, json_body=body, timeout=timeout)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -305,9 +299,10 @@ def _serve_process(folder, port):
                             stderr=subprocess.STDOUT, text=True, env=env)
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_requests_in_flight_and_refuses_new_ones(tiny):
     folder, model, processor = tiny
-    port = _free_port()
+    port = free_port()
     process = _serve_process(folder, port)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -361,6 +356,7 @@ def _chromium():
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
+@pytest.mark.slow
 def test_the_web_page_draws_the_slices_and_streams_the_answer(server, tiny, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

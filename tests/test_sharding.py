@@ -5,17 +5,13 @@ float32 (the split model runs the same kernels on the same weights)."""
 
 import pytest
 import torch
-from conftest import build_tiny, random_image
+from conftest import build_tiny, random_image, rel_err
 
 from llava_uhd import LlavaUHDConfig, LlavaUHDForConditionalGeneration
 from llava_uhd.processing import LlavaUHDProcessor
 
 PROMPT = "USER: <image>\nWhat colour is the shape? ASSISTANT:"
 TOL = 1e-5
-
-
-def rel_err(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def saved_tiny(folder, kind="clip", tie=False, **settings):

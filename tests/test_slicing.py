@@ -1,4 +1,5 @@
 import math
+from dataclasses import asdict
 from fractions import Fraction
 
 import pytest
@@ -10,22 +11,23 @@ from llava_uhd.slicing import DEFAULT_MAX_PIXELS, SliceConfig, choose_grid, fit_
 PAPER = SliceConfig.paper()
 
 
-def brute_force_grid(width, height, config):
-    """Eq. 1/2 straight from the paper, in float64, for images far from ties."""
-    vw, vh = config.image_size
-    n = min(math.ceil(width * height / (vw * vh)), config.max_slices)
+def brute_force_scores(width, height, config):
+    """Eq. 1 straight from the paper, in float64: ``{(m, n): S(m, n)}`` over C_{N-1} u C_N u C_{N+1} (m columns,
+    n rows; counts of 1 and above the cap left out), or None when the image is not sliced (N <= 1). ``W_v`` is the
+    ViT's width, ``H_v`` its height: ``config.image_size`` is ``(W_v, H_v)``."""
+    W_v, H_v = config.image_size
+    n = min(math.ceil(width * height / (W_v * H_v)), config.max_slices)
     if n <= 1:
         return None
-    best, best_score = None, -math.inf
+    scores = {}
     for k in (n - 1, n, n + 1):
         if k == 1 or k > config.max_slices:
             continue
         for m in range(1, k + 1):
             if k % m == 0:
-                score = -abs(math.log(width * (k // m) / (height * m)) - math.log(vw / vh))
-                if score > best_score:
-                    best, best_score = (m, k // m), score
-    return best, best_score
+                rows = k // m
+                scores[(m, rows)] = -abs(math.log(width * rows / (height * m)) - math.log(W_v / H_v))
+    return scores
 
 
 def check_plan_invariants(plan, config):
@@ -45,11 +47,13 @@ def check_plan_invariants(plan, config):
     assert covered == w * h
     assert plan.slices[0].box[:2] == (0, 0) and plan.slices[-1].box[2:] == (w, h)
     assert len(plan.slices) == plan.cols * plan.rows <= config.max_slices
+    p = config.patch_size
+    native = (config.image_size[0] // p) * (config.image_size[1] // p)  # the ViT's own patch grid, W_v x H_v
     for c in plan.crops:
         sw, sh = c.size
-        assert sw % config.patch_size == 0 and sh % config.patch_size == 0
-        assert sw >= config.patch_size and sh >= config.patch_size
-        assert c.num_patches <= config.native_patches
+        assert sw % p == 0 and sh % p == 0
+        assert sw >= p and sh >= p
+        assert (sw // p) * (sh // p) <= native
 
 
 def test_paper_example():
@@ -161,9 +165,19 @@ def image_sizes(draw):
     return w, h
 
 
-# geometry only, so no pixel limit: sizes up to 20000x20000 are plans, never decoded images
-configs = st.sampled_from([SliceConfig.paper(max_pixels=None), SliceConfig.release(max_pixels=None),
-                           SliceConfig(image_size=(224, 224), patch_size=14, max_slices=9, max_pixels=None)])
+# geometry only, so no pixel limit: sizes up to 20000x20000 are plans, never decoded images. Two non-square ViTs
+# (W_v != H_v: 336x224 = a 24x16 patch grid, landscape; 224x448 = 16x32, portrait) so that a W_v / H_v swap in
+# Eq. 1 changes the plans.
+SQUARE_CONFIGS = [SliceConfig.paper(max_pixels=None), SliceConfig.release(max_pixels=None),
+                  SliceConfig(image_size=(224, 224), patch_size=14, max_slices=9, max_pixels=None)]
+NON_SQUARE_CONFIGS = [SliceConfig(image_size=(336, 224), patch_size=14, max_slices=6, max_pixels=None),
+                      SliceConfig(image_size=(224, 448), patch_size=14, max_slices=9, max_pixels=None)]
+configs = st.sampled_from(SQUARE_CONFIGS + NON_SQUARE_CONFIGS)
+
+
+def transposed(config):
+    """The same ViT turned a quarter turn: ``(W_v, H_v)`` -> ``(H_v, W_v)``."""
+    return SliceConfig(**{**asdict(config), "image_size": config.image_size[::-1]})
 
 
 @settings(max_examples=400, deadline=None)
@@ -176,10 +190,11 @@ def test_property_partition_and_patch_multiples(wh, config):
 @settings(max_examples=400, deadline=None)
 @given(image_sizes(), configs)
 def test_property_transpose(wh, config):
+    """Turning the image (and the ViT with it: a square one stays the same) turns the plan."""
     w, h = wh
     if w == h:
         return
-    a, b = plan_slices(w, h, config), plan_slices(h, w, config)
+    a, b = plan_slices(w, h, config), plan_slices(h, w, transposed(config))
     assert (a.cols, a.rows) == (b.rows, b.cols)
     for i in range(a.rows):
         for j in range(a.cols):
@@ -191,23 +206,133 @@ def test_property_transpose(wh, config):
         assert b.overview.size == a.overview.size[::-1]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(image_sizes(), configs)
 def test_property_deterministic_and_matches_eq1(wh, config):
     w, h = wh
     plan = plan_slices(w, h, config)
     assert plan == plan_slices(w, h, config)
-    ref = brute_force_grid(w, h, config)
-    if ref is None:
+    scores = brute_force_scores(w, h, config)
+    if scores is None:
         assert not plan.is_sliced
         return
-    (m, n), score = ref
-    vw, vh = config.image_size
-    ours = -abs(math.log(w * plan.rows / (h * plan.cols)) - math.log(vw / vh))
-    # the chosen grid has the best score (up to float noise in the reference); the ideal count respected
-    assert ours >= score - 1e-12
-    ideal = min(math.ceil(w * h / (vw * vh)), config.max_slices)
-    assert abs(plan.cols * plan.rows - ideal) <= 1
+    best = max(scores.values())
+    ours = scores.get((plan.cols, plan.rows))
+    assert ours is not None, (plan.cols, plan.rows, sorted(scores))  # a candidate of C_{N-1} u C_N u C_{N+1}
+    # the chosen grid has the best score (up to float noise in the reference) ...
+    assert ours >= best - 1e-12
+    # ... and where the reference's best is clear of every other grid, it is that grid
+    runners_up = [v for g, v in scores.items() if g != (plan.cols, plan.rows)]
+    if runners_up and best - max(runners_up) > 1e-9:
+        assert scores[(plan.cols, plan.rows)] == best
+
+
+def test_non_square_vit_worked_by_hand():
+    """W_v x H_v = 336 x 224 (3:2, a 24x16 patch grid), cap 6. Image 1008x448: N = ceil(451584 / 75264) = 6,
+    candidates C_5 u C_6 (7 is over the cap). The slice aspect (1008 / m) / (448 / n) = 2.25 n / m:
+
+        (1, 5) 11.25   (5, 1) 0.45   (1, 6) 13.5   (2, 3) 3.375   (3, 2) 1.5   (6, 1) 0.375
+
+    Against W_v / H_v = 1.5, (3, 2) is exact (score 0): 3 columns x 2 rows of 336x224 slices, each already at the
+    ViT's size. With W_v and H_v swapped (target 2/3) the best would be (5, 1) (0.45 is 1.48x off 2/3, (3, 2) 2.25x).
+    """
+    config = SliceConfig(image_size=(336, 224), patch_size=14, max_slices=6)
+    plan = plan_slices(1008, 448, config)
+    assert (plan.cols, plan.rows) == (3, 2)
+    assert [s.box for s in plan.slices] == [
+        (0, 0, 336, 224), (336, 0, 672, 224), (672, 0, 1008, 224),
+        (0, 224, 336, 448), (336, 224, 672, 448), (672, 224, 1008, 448)]
+    assert [s.size for s in plan.slices] == [(336, 224)] * 6
+    assert [s.grid for s in plan.slices] == [(16, 24)] * 6  # (h_p, w_p): the ViT's native 16 x 24 patches
+    # the overview keeps the image's 9:4 aspect in at most 24 * 16 = 384 patches: sqrt(384 * 9/4) = 29.4 -> 29
+    # patches across, sqrt(384 * 4/9) = 13.06 -> 13 down (29 * 13 = 377 <= 384)
+    assert plan.overview.size == (29 * 14, 13 * 14)
+
+    # a square image, 672x672: N = 6; slice aspect n / m. (2, 3) gives 3:2 slices, exact; (3, 2) would give 2:3
+    assert choose_grid(672, 672, config) == (2, 3)
+    # the portrait ViT (224 x 336) turns both answers: 2:3 slices of a square image are 3 columns x 2 rows
+    portrait = SliceConfig(image_size=(224, 336), patch_size=14, max_slices=6)
+    assert choose_grid(672, 672, portrait) == (3, 2)
+    assert choose_grid(448, 1008, portrait) == (2, 3)
+    assert [s.size for s in plan_slices(448, 1008, portrait).slices] == [(224, 336)] * 6
+    # the landscape ViT on the portrait image: slice aspect (448 / m) / (1008 / n) = 4n / 9m; (1, 5) = 2.22 is the
+    # closest to 1.5 (1.48x off; (1, 6) 2.67 is 1.78x, (2, 3) 0.67 is 2.25x)
+    assert choose_grid(448, 1008, config) == (1, 5)
+
+
+@st.composite
+def thin_sizes(draw):
+    """Strips a few pixels thick and up to 20000 long (aspect ratios past the patch cap, either way)."""
+    long, short = draw(st.integers(min_value=1, max_value=20000)), draw(st.integers(min_value=1, max_value=30))
+    return (long, short) if draw(st.booleans()) else (short, long)
+
+
+def test_ties_with_a_non_square_vit_turn_with_the_image():
+    """Exact ties of Eq. 1 that only a non-square ViT makes, each with its turned twin (image and ViT turned).
+
+    1268x634 on a 224x448 ViT (target slice aspect 1/2), cap 9: N = ceil(803912 / 100352) = 9, counts 8 and 9;
+    slice aspect 2n/m: (4, 2) gives 1 (square), (8, 1) 0.25 (portrait): both 2x off 1/2, both 8 slices, a tie.
+    Rule 3: the landscape image takes the square slices over portrait ones: (4, 2). Turned (634x1268 on 448x224):
+    (2, 4) square against (1, 8) landscape slices for a portrait image: (2, 4), the transpose.
+
+    1290x860 on 336x224 (target 3/2), cap 12: N = 15 -> 12, counts 11 and 12; slice aspect 1.5n/m: (3, 4) gives 2,
+    (4, 3) 1.125, both 4/3 off 3/2 and both landscape. Rule 4: the one closer to square, (4, 3); turned: (3, 4).
+    """
+    tall_vit = SliceConfig(image_size=(224, 448), patch_size=14, max_slices=9)
+    assert choose_grid(1268, 634, tall_vit) == (4, 2)
+    assert choose_grid(634, 1268, transposed(tall_vit)) == (2, 4)
+    wide_vit = SliceConfig(image_size=(336, 224), patch_size=14, max_slices=12)
+    assert choose_grid(1290, 860, wide_vit) == (4, 3)
+    assert choose_grid(860, 1290, transposed(wide_vit)) == (3, 4)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.one_of(image_sizes(), thin_sizes()), configs)
+def test_property_fit_to_patches_is_nearest(wh, config):
+    """fit_to_patches against the exact area-preserving size, worked out here in float64: ``w_i * h_i = cap`` and
+    ``w_i / h_i = W / H`` (in patches; cap = the ViT's patch grid). Each side lands on the nearest whole patch
+    (within half a patch: nearest, not floor or ceil); where both nearest sides would exceed the cap, a side goes
+    down, and then each side is within one patch. A side under one patch (extreme aspect) is one patch, the other
+    keeps the aspect (nearest, capped)."""
+    w, h = wh
+    p = config.patch_size
+    W_v, H_v = config.image_size
+    cap = (W_v // p) * (H_v // p)
+    exact_w, exact_h = math.sqrt(cap * w / h), math.sqrt(cap * h / w)
+    sw, sh = fit_to_patches(w, h, config)
+    assert sw % p == 0 and sh % p == 0
+    wp, hp = sw // p, sh // p
+    assert wp >= 1 and hp >= 1 and wp * hp <= cap
+    eps = 1e-9
+    if exact_h < 1:  # too wide for one full row: one row, as many patches across as the aspect says (capped)
+        assert hp == 1
+        assert wp == cap if w / h >= cap else abs(wp - w / h) <= 0.5 + eps
+        return
+    if exact_w < 1:
+        assert wp == 1
+        assert hp == cap if h / w >= cap else abs(hp - h / w) <= 0.5 + eps
+        return
+    # the largest rounding either side could get (a tie at .5 counted as rounding up)
+    up_w, up_h = math.floor(exact_w + 0.5 + eps), math.floor(exact_h + 0.5 + eps)
+    if up_w * up_h <= cap:
+        assert abs(wp - exact_w) <= 0.5 + eps and abs(hp - exact_h) <= 0.5 + eps, (wp, hp, exact_w, exact_h)
+    else:  # the cap forces a side down
+        assert abs(wp - exact_w) < 1 + eps and abs(hp - exact_h) < 1 + eps, (wp, hp, exact_w, exact_h)
+
+
+def test_fit_to_patches_worked_by_hand():
+    # 336/14: cap 24 * 24 = 576 patches. 180x100: sqrt(576 * 9/5) = 32.20 -> 32, sqrt(576 * 5/9) = 17.89 -> 18
+    # (floor: 17); 32 * 18 = 576 fits
+    assert fit_to_patches(180, 100, PAPER) == (32 * 14, 18 * 14)
+    # 160x100: sqrt(921.6) = 30.36 -> 30, sqrt(360) = 18.97 -> 19 (floor: 18); 570 fits
+    assert fit_to_patches(160, 100, PAPER) == (30 * 14, 19 * 14)
+    # 900x400: sqrt(576 * 9/4) = 36 and sqrt(256) = 16 exactly
+    assert fit_to_patches(900, 400, PAPER) == (504, 224)
+    # 500x300: 30.98 -> 31 and 18.59 -> 19, 31 * 19 = 589 > 576: a side goes down. 30 x 19 (1.579), 31 x 18 (1.722),
+    # 30 x 18 (1.667) against 5/3: 30 x 18 keeps the aspect exactly
+    assert fit_to_patches(500, 300, PAPER) == (30 * 14, 18 * 14)
+    # the 336x224 ViT (24 x 16 = 384 patches); 300x100: sqrt(1152) = 33.94 -> 34, sqrt(128) = 11.31 -> 11; 374 fits
+    assert fit_to_patches(300, 100, NON_SQUARE_CONFIGS[0]) == (34 * 14, 11 * 14)
 
 
 @settings(max_examples=200, deadline=None)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny, random_image
+from conftest import build_tiny, free_port, random_image
 
 from llava_uhd import LlavaUHDForConditionalGeneration
 from llava_uhd.train.arguments import parse_train_args
@@ -51,10 +51,22 @@ def losses(out: Path) -> list[float]:
     return [h["loss"] for h in state["log_history"] if "loss" in h]
 
 
+def newest_complete_checkpoint(out: Path) -> Path:
+    """The test's own answer to "which checkpoint does a resume continue from", without `last_complete_checkpoint`:
+    of the ``checkpoint-<digits>`` folders holding a ``trainer_state.json``, the one with the largest number (as a
+    number: ``checkpoint-10`` after ``checkpoint-9``)."""
+    steps = [int(p.name[len("checkpoint-"):]) for p in out.iterdir()
+             if p.is_dir() and p.name.startswith("checkpoint-") and p.name[len("checkpoint-"):].isdigit()
+             and (p / "trainer_state.json").is_file()]
+    assert steps, f"no complete checkpoint in {out}"
+    return out / f"checkpoint-{max(steps)}"
+
+
 def last_checkpoint_state(out: Path) -> Path:
-    return Path(last_complete_checkpoint(str(out))) / "trainer_state.json"
+    return newest_complete_checkpoint(out) / "trainer_state.json"
 
 
+@pytest.mark.slow
 def test_stage1_trains_only_the_resampler_and_stage2_lora_merges(workspace, tmp_path):
     before = LlavaUHDForConditionalGeneration.from_pretrained(workspace / "tiny")
     summary = train(*parse_train_args(common_args(workspace, tmp_path / "s1", "--stage", "1", "--max_steps", "3",
@@ -81,6 +93,7 @@ def test_stage1_trains_only_the_resampler_and_stage2_lora_merges(workspace, tmp_
     assert all(torch.equal(p, q) for p, q in zip(s2.vision_tower.parameters(), before.vision_tower.parameters()))
 
 
+@pytest.mark.slow
 def test_loss_goes_down_on_a_tiny_fixed_set(workspace, tmp_path):
     """Overfit check: 8 samples, stage 2, full tuning."""
     records = json.loads((workspace / "data.json").read_text())[:8]
@@ -104,10 +117,11 @@ def test_loss_goes_down_on_a_tiny_fixed_set(workspace, tmp_path):
     assert last < 0.2 * first, (first, last)
 
 
+@pytest.mark.slow
 def test_two_process_stage1_then_stage2(workspace, tmp_path):
     """torchrun --nproc_per_node 2 on the CPU (gloo): stage 1, then stage 2 from its output."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-                "-m", "llava_uhd.cli", "train"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(free_port()), "-m", "llava_uhd.cli", "train"]
     ddp = ["--ddp_backend", "gloo", "--per_device_train_batch_size", "2", "--max_steps", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run1 = subprocess.run(torchrun + common_args(workspace, tmp_path / "s1", "--stage", "1", *ddp),
@@ -134,6 +148,7 @@ def read_trace(path: Path) -> dict[int, list[str]]:
     return steps
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_keeps_the_data_order(workspace, tmp_path):
     extra = ["--stage", "1", "--max_steps", "30", "--per_device_train_batch_size", "2", "--save_steps", "5",
              "--group_by_modality_length", "true"]
@@ -150,23 +165,95 @@ def test_resume_after_sigkill_keeps_the_data_order(workspace, tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert last_complete_checkpoint(str(out)) is not None
     assert not (out / "model.safetensors").exists()  # it really died before the end
+    # where the resume must continue: checkpoint-10 or a later complete one (5 and 10 exist: a string sort would
+    # take checkpoint-5)
+    expected = newest_complete_checkpoint(out)
+    step = int(expected.name.split("-")[1])
+    assert step >= 10 and step % 5 == 0
+    assert json.loads((expected / "trainer_state.json").read_text())["global_step"] == step
+    traced_before = len((tmp_path / "killed.jsonl").read_text().splitlines())
 
     again = subprocess.run(cli(*killed), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming from" in again.stderr
+    assert f"resuming from {expected}\n" in again.stderr
+    after = [json.loads(line) for line in (tmp_path / "killed.jsonl").read_text().splitlines()[traced_before:]]
+    assert [e["step"] for e in after] == list(range(step, 30))  # it continued at the checkpoint's step
     reference, resumed = read_trace(tmp_path / "plain.jsonl"), read_trace(tmp_path / "killed.jsonl")
     assert sorted(reference) == sorted(resumed) == list(range(30))
     assert resumed == reference  # every step saw exactly the samples of the uninterrupted run
     assert json.loads(last_checkpoint_state(out).read_text())["global_step"] == 30
 
 
+def complete_checkpoint(folder: Path, step: int) -> Path:
+    """A ``checkpoint-<step>`` folder whose save finished (its trainer_state.json written)."""
+    path = folder / f"checkpoint-{step}"
+    path.mkdir()
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    return path
+
+
 def test_incomplete_checkpoint_is_skipped(tmp_path):
-    (tmp_path / "checkpoint-5").mkdir()
-    (tmp_path / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    complete_checkpoint(tmp_path, 5)
     (tmp_path / "checkpoint-10").mkdir()  # killed while saving
     assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-5")
+
+
+def test_the_newest_checkpoint_is_the_largest_step_as_a_number(tmp_path):
+    """checkpoint-5, -9, -10 and -100: by number the newest is 100 (by string "checkpoint-9" would be)."""
+    assert last_complete_checkpoint(str(tmp_path / "nothing")) is None
+    assert last_complete_checkpoint(str(tmp_path)) is None
+    for step in (5, 9, 10, 100):
+        complete_checkpoint(tmp_path, step)
+    (tmp_path / "checkpoint-250").mkdir()  # incomplete: skipped
+    (tmp_path / "checkpoint-final").mkdir()  # not a step
+    (tmp_path / "checkpoint-final" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-300").write_text("a file, not a checkpoint")
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-100")
+    (tmp_path / "checkpoint-100" / "trainer_state.json").unlink()
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    (tmp_path / "checkpoint-10" / "trainer_state.json").unlink()
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-9")
+
+
+def test_resume_continues_from_checkpoint_10_not_9(workspace, tmp_path, caplog):
+    """A real run saves checkpoint-5 and checkpoint-10; checkpoint-9 is a copy of checkpoint-5 (its state says step
+    5) and checkpoint-100 never finished saving. Run again with more steps: it continues from checkpoint-10 (by
+    number; by string, "checkpoint-9" would come first and the run would restart at step 5), so its first step is
+    step 10 (step numbers start at 0) and it ends at 12."""
+    import shutil
+
+    out = tmp_path / "out"
+    extra = ["--stage", "1", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3"]
+    first = train(*parse_train_args(common_args(workspace, out, "--max_steps", "10", "--save_steps", "5", *extra)))
+    assert first["steps"] == 10
+    shutil.copytree(out / "checkpoint-5", out / "checkpoint-9")
+    (out / "checkpoint-100").mkdir()  # a save that never finished
+    assert newest_complete_checkpoint(out) == out / "checkpoint-10"
+    with caplog.at_level("WARNING", logger="llava_uhd.train"):
+        second = train(*parse_train_args(common_args(workspace, out, "--max_steps", "12", "--save_steps", "5", *extra,
+                                                     "--trace_samples", str(tmp_path / "second.jsonl"))))
+    assert [json.loads(line)["step"] for line in (tmp_path / "second.jsonl").read_text().splitlines()] == [10, 11]
+    assert second["steps"] == 12
+    assert f"resuming from {out / 'checkpoint-10'}" in caplog.text
+
+
+def test_each_epoch_is_a_new_order_of_all_samples(workspace, tmp_path):
+    """Two epochs of 8 samples in batches of 2 through the Trainer: each epoch sees every sample once, in a new
+    order (the Trainer sets the sampler's epoch)."""
+    records = json.loads((workspace / "data.json").read_text())[:8]
+    (tmp_path / "eight.json").write_text(json.dumps(records))
+    args = common_args(workspace, tmp_path / "o", "--stage", "1", "--num_train_epochs", "2",
+                       "--per_device_train_batch_size", "2", "--save_strategy", "no",
+                       "--trace_samples", str(tmp_path / "trace.jsonl"))
+    args[args.index("--data") + 1] = str(tmp_path / "eight.json")
+    assert train(*parse_train_args(args))["steps"] == 8
+    steps = read_trace(tmp_path / "trace.jsonl")
+    assert sorted(steps) == list(range(8))
+    epochs = [[i for s in range(e * 4, e * 4 + 4) for i in steps[s]] for e in (0, 1)]
+    ids = sorted(r["id"] for r in records)
+    assert sorted(epochs[0]) == sorted(epochs[1]) == ids
+    assert epochs[0] != epochs[1]
 
 
 def test_config_file_and_errors(workspace, tmp_path):
@@ -207,6 +294,7 @@ def too_long(rid: str) -> dict:
         {"from": "human", "value": "<image>\n" + "What colour is the shape? " * 30}, {"from": "gpt", "value": "red"}]}
 
 
+@pytest.mark.slow
 def test_a_batch_of_one_bad_image_is_skipped_not_fatal(workspace, tmp_path):
     data = write_data(workspace, tmp_path / "d.json", BAD_IMAGE)
     summary = run_summary(workspace, tmp_path / "o", data, "--per_device_train_batch_size", "1",
@@ -218,6 +306,7 @@ def test_a_batch_of_one_bad_image_is_skipped_not_fatal(workspace, tmp_path):
     assert [(d["index"], d["id"], d["kind"]) for d in listed] == [(4, "gone", "bad_image")]
 
 
+@pytest.mark.slow
 def test_two_too_long_samples_grouped_by_length_are_skipped_not_fatal(workspace, tmp_path):
     data = write_data(workspace, tmp_path / "d.json", too_long("long1"), too_long("long2"))
     summary = run_summary(workspace, tmp_path / "o", data, "--per_device_train_batch_size", "2",
@@ -226,6 +315,7 @@ def test_two_too_long_samples_grouped_by_length_are_skipped_not_fatal(workspace,
     assert "skipped too long: 2" in summary["skipped"]
 
 
+@pytest.mark.slow
 def test_summary_counts_what_dataloader_workers_read(workspace, tmp_path):
     long_answer = {"id": "long_a", "conversations": [{"from": "human", "value": "What?"},
                                                      {"from": "gpt", "value": "red green blue " * 60}]}
@@ -256,6 +346,7 @@ def test_bad_data_is_one_line_exit_2_before_the_model_loads(workspace, tmp_path,
         main(["train", *args, "--skip_bad_records", "true"])
 
 
+@pytest.mark.slow
 def test_an_image_that_fails_while_training_is_one_line_too(workspace, tmp_path, capsys):
     """A file whose header reads but whose data is cut passes the up-front checks; without --skip_bad_images it
     stops the run when a dataloader worker reads it: the last line says so, no traceback."""
@@ -274,6 +365,7 @@ def test_an_image_that_fails_while_training_is_one_line_too(workspace, tmp_path,
     assert last.startswith(f"llava-uhd train: {data}, record 4 (id 'cut'): image 0 (") and last.count("cut.png") == 1
 
 
+@pytest.mark.slow
 def test_missing_data_file_and_bad_options_are_one_line_errors(workspace, tmp_path, capsys):
     from llava_uhd.cli import main
 
@@ -301,6 +393,7 @@ def test_missing_data_file_and_bad_options_are_one_line_errors(workspace, tmp_pa
     assert len(err) == 1 and err[0].startswith("llava-uhd train: cannot load the processor: "), err
 
 
+@pytest.mark.slow
 def test_help_is_short_and_help_all_lists_every_trainer_option():
     def helped(flag):
         run = subprocess.run(cli(flag), capture_output=True, text=True, timeout=120)

@@ -8,6 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from conftest import rel_err  # noqa: E402
 from transformers import (  # noqa: E402
     CLIPVisionConfig,
     CLIPVisionModel,
@@ -27,11 +28,6 @@ IMAGE = 28  # native grid 4x4
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, image_size=IMAGE, patch_size=PATCH)
 # Several grids, 1xN and Nx1 included, the native one twice so a bucket holds more than one crop.
 GRIDS = [(4, 4), (2, 6), (1, 5), (6, 1), (3, 5), (4, 4), (1, 1), (2, 6)]
-
-
-def rel_err(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def clip_config(**kw):

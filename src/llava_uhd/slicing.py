@@ -14,11 +14,13 @@ rounding. Ties (equal scores) are broken, in this order, by:
 1. the slice count closest to the ideal ``N``;
 2. the larger slice count (more resolution);
 3. slices oriented like the image (for a landscape image prefer landscape slices, for a portrait image portrait
-   ones); a square image prefers landscape slices, i.e. at most as many columns as rows (a square image with 6
-   slices becomes 2 columns x 3 rows).
+   ones), then square slices, then the others; a square image prefers landscape slices, i.e. at most as many
+   columns as rows (a square image with 6 slices becomes 2 columns x 3 rows);
+4. slices closer to square.
 
-Rules 1-3 are symmetric under transposition, so the plan of a (H, W) image is the transpose of the plan of the
-(W, H) image whenever the image is not square (and the ViT is square).
+Rules 3 and 4 only matter for a non-square ViT (with a square one, equal scores at equal counts are transposed
+grids). Rules 1-4 are symmetric under transposition, so the plan of a (H, W) image is the transpose of the plan of
+the (W, H) image whenever the image is not square (with a non-square ViT: the plan for the ViT turned too).
 """
 
 from __future__ import annotations
@@ -252,7 +254,7 @@ def choose_grid(width: int, height: int, config: SliceConfig) -> tuple[int, int]
     if n <= 1:
         return 1, 1
     counts = [k for k in (n - 1, n, n + 1) if 1 < k <= config.max_slices]
-    landscape_image = width >= height
+    image_orientation = 1 if width >= height else -1  # a square image counts as landscape
     best, best_key = (1, 1), None
     for k in counts:
         for m in range(1, k + 1):
@@ -263,12 +265,14 @@ def choose_grid(width: int, height: int, config: SliceConfig) -> tuple[int, int]
                 continue
             # slice aspect relative to the ViT's: (W/m)/(H/n) / (vw/vh)
             rel = Fraction(width * rows * vh, height * m * vw)
-            landscape_slices = width * rows >= height * m
+            # +1: landscape slices, 0: square, -1: portrait (a slice is (width / m) x (height / rows))
+            slice_orientation = (width * rows > height * m) - (width * rows < height * m)
             key = (
                 -_aspect_error(rel),  # Eq. 1, exact
                 -abs(k - ideal),  # tie 1: count closest to the ideal N
                 k,  # tie 2: more slices
-                landscape_slices == landscape_image,  # tie 3: slices oriented like the image
+                slice_orientation * image_orientation,  # tie 3: slices oriented like the image, then square
+                -_aspect_error(Fraction(width * rows, height * m)),  # tie 4: slices closer to square
             )
             if best_key is None or key > best_key:
                 best, best_key = (m, rows), key
