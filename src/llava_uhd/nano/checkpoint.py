@@ -56,16 +56,17 @@ class NanoWeightsMissing(FileNotFoundError):
 
 
 def nano_config(settings: NanoSettings, backbones: dict[str, dict], steps: dict[str, int], command: str | None,
-                versions: dict, machine: dict) -> dict[str, Any]:
+                versions: dict, machine: dict, variant: str = "uhd") -> dict[str, Any]:
     """The content of ``nano_config.json`` (less ``files``, which `export_nano_weights` adds): ``backbones``
     (``{"vision": ..., "llm": ...}``, each with its ``preset``; the vision one with its ``rounding``), the model
-    and LoRA settings, the prompt, the training recipe with the ``steps`` used, the command, versions, machine."""
+    and LoRA settings (``variant``'s: ``"uhd"`` or the ``"pad"`` baseline), the prompt, the training recipe with the
+    ``steps`` used, the command, versions, machine."""
     s = settings
     return {
         "format": NANO_FORMAT,
-        "name": "llava-uhd-nano",
+        "name": "llava-uhd-nano" if variant == "uhd" else f"llava-uhd-nano-{variant}",
         "backbones": backbones,
-        "model": {**model_settings(s, "uhd"), "resampler_type": "perceiver", "overview_position": "after",
+        "model": {**model_settings(s, variant), "resampler_type": "perceiver", "overview_position": "after",
                   "vision_feature_layer": -2},
         "lora": {"r": s.lora_r, "alpha": s.lora_alpha, "dropout": s.lora_dropout,
                  "target_modules": list(s.lora_targets)},

@@ -1,5 +1,5 @@
 """The nano recipe: train LLaVA-UHD and its LLaVA-1.5-style ``pad`` baseline on the same synthetic data, evaluate
-both on a held-out set, and export the LLaVA-UHD weights.
+both on a held-out set, and export the weights of both.
 
     results = train_nano("nano_run", device="cpu", steps1=400, steps2=1000)    # or quick=True: a smoke run
 
@@ -9,8 +9,9 @@ Per variant (``uhd`` first, so its weights are exported even if ``pad`` fails):
 2. **stage 1** (feature alignment): the resampler alone learns to caption the images (template ``plain``);
 3. **stage 2** (instruction tuning): the resampler and LoRA adapters on the LLM's attention learn the answers
    (template ``vicuna_v1``);
-4. **evaluation** on the held-out set (seed + 1), greedy, scored with `is_correct`; for ``uhd`` the export of
-   ``nano_weights/`` (`export_nano_weights`), reloaded once to check it gives the same answers.
+4. **evaluation** on the held-out set (seed + 1), greedy, scored with `is_correct`; then the export of
+   ``nano_weights/`` (``uhd``; ``nano_weights_pad/`` for the baseline: `export_nano_weights`), reloaded once to
+   check it gives the same answers (``llava-uhd ask --model OUT/nano_weights_pad`` asks the baseline).
 
 A run is resumable: ``OUT/state/`` keeps the recipe (``run.json``; a rerun with other settings is refused), the
 planned steps, each finished stage and variant, the cached features, and Trainer checkpoints; running the same
@@ -261,11 +262,13 @@ def _train_stages(run: _Run, model, processor, variant: str, tag: str, cached: l
     return model, info
 
 
-def _export_and_verify(run: _Run, model, results: dict, predictions: list[str]) -> dict:
-    """Write ``nano_weights/``; with ``verify_export``, reload it and answer the first 16 held-out questions."""
+def _export_and_verify(run: _Run, variant: str, model, results: dict, predictions: list[str]) -> dict:
+    """Write ``nano_weights/`` (``nano_weights_<variant>/`` for a baseline); with ``verify_export``, reload it and
+    answer the first 16 held-out questions."""
     config = nano_config(run.settings, run.backbones.info(), run.plan.steps, results["command"],
-                         results["versions"], results["machine"])
-    export = export_nano_weights(model, run.out / "nano_weights", config)
+                         results["versions"], results["machine"], variant)
+    folder = "nano_weights" if variant == "uhd" else f"nano_weights_{variant}"
+    export = export_nano_weights(model, run.out / folder, config)
     run.say(f"    exported {export['dir']} ({export['bytes'] / 2**20:.2f} MiB)")
     info = {"export": export}
     if run.settings.verify_export:
@@ -281,7 +284,7 @@ def _export_and_verify(run: _Run, model, results: dict, predictions: list[str]) 
 
 def _run_variant(run: _Run, variant: str, tag: str, model, processor, cached: list[dict], first: bool,
                  later: Sequence[str], results: dict) -> None:
-    """Train, evaluate (and for ``uhd`` export) one variant; its record goes to ``state/<variant>.json``."""
+    """Train, evaluate and export one variant; its record goes to ``state/<variant>.json``."""
     t_variant = time.perf_counter()
     info: dict[str, Any] = {"description": VARIANTS[variant]["description"],
                             "settings": model_settings(run.settings, variant)}
@@ -302,8 +305,7 @@ def _run_variant(run: _Run, variant: str, tag: str, model, processor, cached: li
     run.say(f"    {variant}: fine-detail accuracy {pct(info['fine_detail']['accuracy'])} %, overall "
             f"{pct(info['all']['accuracy'])} % ({info['eval_time_s']:.1f} s to evaluate {len(run.eval_samples)} "
             "held-out samples)")
-    if variant == "uhd":
-        info.update(_export_and_verify(run, model, results, [p["prediction"] for p in info["predictions"]]))
+    info.update(_export_and_verify(run, variant, model, results, [p["prediction"] for p in info["predictions"]]))
     info["wall_time_s"] = time.perf_counter() - t_variant
     results["variants"][variant] = info
     (run.state / f"{variant}.json").write_text(json.dumps({**info, "log": rows}, indent=1) + "\n")
@@ -334,7 +336,7 @@ def train_nano(out_dir, device: str = "cpu", train_samples: int | None = None, e
                variants: Sequence[str] = ("uhd", "pad"), *, settings: NanoSettings | None = None, cache_dir=None,
                vision_bundle=None, command: str | None = None, log: Callable[[str], None] | None = print,
                **overrides) -> dict[str, Any]:
-    """Train and evaluate the nano LLaVA-UHD and its ``pad`` baseline; export the ``uhd`` weights.
+    """Train and evaluate the nano LLaVA-UHD and its ``pad`` baseline; export the weights of both.
 
     Args:
         out_dir: where ``results.json``, ``results.md``, ``train_log.jsonl``, ``nano_weights/`` and ``state/`` go.
