@@ -1,18 +1,18 @@
-"""The README's probe pictures: every probe on the built-in nano model and on the same weights fed LLaVA-1.5's
-padded view, side by side, plus one endpoint run through this project's own server as a cross-check.
+"""The README's probe pictures: every probe on the built-in nano model, on a nano model trained the same way on
+LLaVA-1.5's padded views (``--pad-model``), and on the nano weights fed the padded view at inference, side by side,
+plus one endpoint run through this project's own server as a cross-check.
 
-    python scripts/probes_readme.py [--out results/probes] [--quick] [--threads 2]
+    python scripts/probes_readme.py --pad-model NANO_RUN/nano_weights_pad [--out results/probes] [--quick] [--threads 2]
 
 Writes OUT/<system>/<probe>/ (answers.jsonl, summary.json, <probe>.png: `llava-uhd probe`'s output),
-OUT/<probe>.png (the two systems side by side), OUT/endpoint_check/ (the padding probe, --quick, asked through
+OUT/<probe>.png (the systems side by side), OUT/endpoint_check/ (the padding probe, --quick, asked through
 `llava_uhd.serve.server` on 127.0.0.1 with the standard-library client; its answers compared with the local run's)
 and OUT/RESULTS.md (what was compared, the numbers, the timings, the machine).
 
-No trained ``pad`` nano model exists in this repository (the recorded run kept only the uhd weights, and training
-the pad variant the same way takes over an hour of CPU), so the second system is the shipped uhd weights with the
-processor switched to ``image_strategy="pad"`` at inference (`--image-strategy pad`): one 224x224 view of the
-picture padded to a square, 16 visual tokens. It shows what the padded view leaves of the pictures to a model
-that reads them well from slices; it is not a model trained on padded views.
+The trained ``pad`` baseline comes from ``python -m llava_uhd.nano --variants pad ...`` with the shipped model's
+recipe (its weights land in ``OUT/nano_weights_pad/``). Without ``--pad-model`` only the shipped weights run, with
+their own slices and with the processor switched to ``image_strategy="pad"`` (`--image-strategy pad`): what the
+padded view leaves of the pictures to a model that reads them well from slices.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from llava_uhd.cli import main as cli_main
 from llava_uhd.eval.probe_plots import side_by_side
 
 SYSTEMS = {"nano": ["--label", "nano LLaVA-UHD (its slices)"],
+           "nano_pad_trained": ["--label", "nano trained on padded views (LLaVA-1.5)"],
            "nano_padded_view": ["--image-strategy", "pad", "--label", "same weights, LLaVA-1.5 padded view"]}
 PROBES = ("position", "resolution", "padding")
 
@@ -67,10 +68,10 @@ def _value(stats: dict, count: bool) -> str:
     return "-" if stats["accuracy"] is None else f"{100 * stats['accuracy']:.1f} %"
 
 
-def _markdown(out: Path, quick: bool, check: dict | None) -> str:
+def _markdown(out: Path, quick: bool, check: dict | None, systems: dict) -> str:
     rows = ["| probe | system | pictures | overall | detail | load + answering |", "|---|---|---:|---:|---|---:|"]
     for probe in PROBES:
-        for system in SYSTEMS:
+        for system in systems:
             doc = json.loads((out / system / probe / "summary.json").read_text())
             agg = doc["aggregate"]
             count = agg["answer_type"] == "count"
@@ -93,10 +94,14 @@ def _markdown(out: Path, quick: bool, check: dict | None) -> str:
              f"{platform.python_version()}; each run's seconds to load the model and to answer are in the table).",
              "",
              "Systems: **nano LLaVA-UHD** = the shipped nano weights with their own slicing (up to 6 slices of 224 px "
-             "+ overview); **same weights, LLaVA-1.5 padded view** = the same weights with the processor switched to "
-             "`image_strategy=pad` at inference (one 224x224 view of the picture padded to a square). No trained `pad` "
-             "nano model exists here (training one as the recorded run did takes over an hour of CPU), so this is "
-             "not the README's trained `pad` baseline: it shows what a padded view leaves of the pictures.", "",
+             "+ overview)"
+             + ("; **nano trained on padded views** = the same backbones trained by the same recipe and data on "
+                "LLaVA-1.5's view (`python -m llava_uhd.nano --variants pad`: one 224x224 view of the picture padded "
+                "to a square with the mean colour, 16 visual tokens), the README's `pad` baseline"
+                if "nano_pad_trained" in systems else "")
+             + "; **same weights, LLaVA-1.5 padded view** = the shipped weights with the processor switched to "
+             "`image_strategy=pad` at inference: what the padded view leaves of the pictures to a model that reads "
+             "them from slices.", "",
              *rows, ""]
     if check is not None:
         lines += [f"Endpoint cross-check (`endpoint_check/`): the padding probe (--quick) asked through this "
@@ -111,22 +116,32 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", default=None)
     parser.add_argument("--no-endpoint-check", action="store_true")
-    parser.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md from the runs in --out")
+    parser.add_argument("--pad-model", default=None,
+                        help="the nano weights trained on padded views (a nano run's nano_weights_pad/)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite RESULTS.md and the side-by-side pictures from the runs in --out")
     args = parser.parse_args()
     out = Path(args.out)
     threads = ["--threads", args.threads] if args.threads else []
     quick = ["--quick"] if args.quick else []
-    for probe in PROBES if not args.report_only else ():
-        for system, options in SYSTEMS.items():
+    systems = dict(SYSTEMS)
+    if args.pad_model:
+        systems["nano_pad_trained"] = ["--model", args.pad_model, *systems["nano_pad_trained"]]
+    elif args.report_only and (out / "nano_pad_trained").is_dir():
+        pass  # its runs are there
+    else:
+        del systems["nano_pad_trained"]
+    for probe in PROBES:
+        for system, options in systems.items() if not args.report_only else ():
             _run(["probe", probe, "--out", str(out / system / probe), *options, *quick, *threads])
-        pictures = [Image.open(out / system / probe / f"{probe}.png") for system in SYSTEMS]
+        pictures = [Image.open(out / system / probe / f"{probe}.png") for system in systems]
         side_by_side(pictures).save(out / f"{probe}.png")
     if args.report_only:
         found = out / "endpoint_check" / "check.json"
         check = json.loads(found.read_text()) if found.is_file() else None
     else:
         check = None if args.no_endpoint_check else _endpoint_check(out, threads)
-    (out / "RESULTS.md").write_text(_markdown(out, args.quick, check))
+    (out / "RESULTS.md").write_text(_markdown(out, args.quick, check, systems))
     print((out / "RESULTS.md").read_text())
     return 0
 
