@@ -91,7 +91,7 @@ class System:
     processor: Any
     vision: torch.nn.Module  # the module whose forward is the vision tower's time
     projector: torch.nn.Module
-    projector_method: str  # the projector's method the model calls ("forward", or UHD's "forward_split")
+    projector_methods: tuple[str, ...]  # the projector's methods the model may call (timed once when nested)
 
     def prepare(self, image) -> dict:
         inputs = self.processor(images=[image], text=[PROMPT], return_tensors="pt")
@@ -178,11 +178,11 @@ def build_systems(scale: Scale, dtype: torch.dtype = torch.bfloat16, max_slices:
         tokenizer, patch_size=14, vision_feature_select_strategy="default", image_token="<image>",
         num_additional_image_tokens=1)
     return {
-        "llava-uhd": System("llava-uhd", uhd, uhd_processor, uhd.vision_tower, uhd.projector, "forward_split"),
+        "llava-uhd": System("llava-uhd", uhd, uhd_processor, uhd.vision_tower, uhd.projector, ("forward", "forward_split")),
         "llava-next": System("llava-next", peers["llava-next"], next_processor, clip,
-                             peers["llava-next"].model.multi_modal_projector, "forward"),
+                             peers["llava-next"].model.multi_modal_projector, ("forward",)),
         "llava-1.5": System("llava-1.5", peers["llava-1.5"], llava_processor, clip,
-                            peers["llava-1.5"].model.multi_modal_projector, "forward"),
+                            peers["llava-1.5"].model.multi_modal_projector, ("forward",)),
     }
 
 
@@ -206,9 +206,9 @@ class StageTimer:
         seen: set[tuple[int, str]] = set()
         for s in systems.values():
             llm = s.model.language_model.model if s.name == "llava-uhd" else s.model.model.language_model
-            for stage, module, method in (("vision", s.vision, "forward"), ("projector", s.projector,
-                                                                           s.projector_method),
-                                          ("llm", llm, "forward")):
+            timed = [("vision", s.vision, "forward"), ("llm", llm, "forward"),
+                     *(("projector", s.projector, m) for m in s.projector_methods)]
+            for stage, module, method in timed:
                 if (id(module), method) not in seen:
                     seen.add((id(module), method))
                     setattr(module, method, self._wrap(stage, getattr(module, method)))
