@@ -123,6 +123,9 @@ if [[ ! -f "$STASH/unpacked/.done" ]]; then
     say "backbones unpacked: $(ls "$STASH/unpacked" | tr '\n' ' ')"
 fi
 
+# NANO_STAGE_ONLY=1 (scripts/train_sharded_gpu.sh): stop once everything is staged
+if [[ "${NANO_STAGE_ONLY:-0}" == 1 ]]; then say "STAGED_ALL: wheels in $SITE, backbones in $STASH/unpacked"; exit 0; fi
+
 # ---- 5. train, evaluate, export
 export PYTHONPATH="$SITE:$PWD/src" PYTHONUNBUFFERED=1 LLAVA_UHD_CACHE=/tmp/llava_uhd_cache HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_HOME=/tmp/hf_home

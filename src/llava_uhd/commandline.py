@@ -114,6 +114,8 @@ EXTRAS = {
     "nano": ("torch", "onnx", "gguf", "accelerate", "peft"),
     "train": ("torch", "accelerate", "peft", "datasets", "matplotlib", "yaml", "gguf"),
     "serve": ("fastapi", "uvicorn"),
+    "deepspeed": ("deepspeed",),
+    "mutation": ("mutmut",),
 }
 
 

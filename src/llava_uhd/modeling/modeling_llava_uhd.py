@@ -145,7 +145,11 @@ class LlavaUHDForConditionalGeneration(LlavaUHDPreTrainedModel, GenerationMixin)
     ) -> list[torch.Tensor]:
         """`get_image_features` after the tower: compress the tower's features ``(P, D_v)`` of every crop (e.g.
         computed once beforehand, as the nano training does) into K tensors ``(n_k, hidden)`` in text order."""
-        per_crop = list(self.projector.forward_split(features.to(self.projector_dtype), patch_grid_hw))
+        # the projector is called (not its forward_split): the hooks FSDP2 and DeepSpeed ZeRO-3 put around a module's
+        # call gather its sharded parameters (and reduce their gradients); its rows are the crops' tokens in order
+        out = self.projector(features.to(self.projector_dtype), patch_grid_hw)
+        sizes = [self.projector.tokens_per_crop(grid) for grid in patch_grid_hw.tolist()]
+        per_crop = list(out.reshape(-1, out.shape[-1]).split(sizes))
         if self.config.overview_position == "before" and crop_is_overview is not None:
             per_crop = [per_crop[k] for k in _overview_first_order(crop_image_ids, crop_is_overview)]
         return per_crop

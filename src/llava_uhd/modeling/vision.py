@@ -173,7 +173,9 @@ class AdaptiveVisionEncoder(nn.Module):
         self.in_channels = int(self.patch_conv.in_channels)
         self.hidden_size = int(self.patch_conv.out_channels)
 
-        num_positions = self._pos_weight().shape[0] - (1 if self.has_cls else 0)
+        emb = vision_model.embeddings  # (1, N, D) for DINOv2, (N, D) else; ds_shape: DeepSpeed ZeRO-3 builds the
+        pos = emb.position_embeddings if self.family == "dinov2" else emb.position_embedding.weight  # model with
+        num_positions = getattr(pos, "ds_shape", pos.shape)[-2] - (1 if self.has_cls else 0)  # empty placeholders
         image_size = config.image_size
         ih, iw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.native_grid = (ih // self.patch_size, iw // self.patch_size)

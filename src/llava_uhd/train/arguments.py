@@ -79,6 +79,9 @@ class LlavaUHDTrainingArguments(TrainingArguments):
         "help": "merge the LoRA weights into the LLM when saving the final model (the adapter is saved too)"})
     trace_samples: str | None = field(default=None, metadata={
         "help": "append the sample ids of every optimizer step to this JSONL file (to check data order on resume)"})
+    sharding_report: str | None = field(default=None, metadata={
+        "help": "append one JSON line per rank to this file at the end: the bytes of parameters, gradients and "
+                "optimizer state the rank holds, its peak memory, its FSDP units"})
     resume: str = field(default="auto", metadata={
         "help": "auto: continue from the last checkpoint in --output_dir if there is one; never; or a checkpoint path"})
 
@@ -148,7 +151,7 @@ def _add_own_options(group) -> None:
 
 _METAVARS = {"model": "DIR", "vision": "X", "llm": "Y", "gguf_file": "FILE", "data": "FILE", "images": "DIR",
              "template": "NAME", "image_strategy": "NAME", "projector": "NAME", "lora_target_modules": "NAMES",
-             "trace_samples": "FILE", "resume": "auto|never|DIR"}
+             "trace_samples": "FILE", "sharding_report": "FILE", "resume": "auto|never|DIR"}
 
 
 def _metavar(f) -> str:
@@ -204,6 +207,11 @@ def parse_train_args(argv: list[str]):
         config_path = argv[i + 1]
         argv = _config_to_argv(config_path) + argv[:i] + argv[i + 2:]
     argv = [ALIASES.get(a, a) for a in argv]
+    if any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv):
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:  # transformers would stop with a traceback
+            raise UsageError("--deepspeed needs DeepSpeed: pip install 'llava-uhd[deepspeed]'")
     *parsed, unknown = _parser().parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         raise UsageError(f"unknown option(s): {' '.join(unknown)} (llava-uhd train --help-all lists them all)")

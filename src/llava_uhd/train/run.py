@@ -121,8 +121,11 @@ def prepare_stage(model, args: LlavaUHDTrainingArguments):
 
 
 def _count_params(model) -> str:
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    def numel(p):  # DeepSpeed ZeRO-3 builds the model partitioned: ds_numel is the full size
+        return getattr(p, "ds_numel", p.numel())
+
+    total = sum(numel(p) for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     return f"{trainable:,} trainable of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
 
 
@@ -141,6 +144,25 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
             return path
         logger.warning("ignoring %s: incomplete (no trainer_state.json; the run stopped while saving it)", path)
     return None
+
+
+def unsharded_copy(model, state: dict, args: LlavaUHDTrainingArguments):
+    """A plain (unsharded) model holding ``state``, the full state dict gathered from a sharded ``model`` (FSDP2,
+    DeepSpeed ZeRO): built on the meta device with the same stage set-up (LoRA wrapping included, so the keys
+    match), then given the gathered tensors; nothing is allocated twice."""
+    from ..modeling import LlavaUHDForConditionalGeneration
+
+    from .distributed import without_zero3_init
+
+    with torch.device("meta"), without_zero3_init():
+        copy = prepare_stage(LlavaUHDForConditionalGeneration(model.config), args)
+    copy.load_state_dict(state, strict=True, assign=True)
+    for name, buffer in list(copy.named_buffers()):  # non-persistent buffers (rotary tables): from the model
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            source = dict(model.named_buffers())[name]
+            copy.get_submodule(owner).register_buffer(leaf, source.detach().to("cpu"), persistent=False)
+    return copy
 
 
 def save_final(model, processor, output_dir: str, args: LlavaUHDTrainingArguments) -> None:
@@ -167,6 +189,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: LlavaUHDTr
         raise UsageError("--data is required (LLaVA JSON / JSONL or a saved datasets folder)")
     if args.stage not in (1, 2):
         raise UsageError(f"--stage must be 1 or 2, got {args.stage}")
+    if args.deepspeed and args.use_cpu:  # accelerate would silently train without DeepSpeed (plain DDP)
+        raise UsageError("--deepspeed with --use_cpu: accelerate ignores DeepSpeed for --use_cpu; leave --use_cpu "
+                         "out (without a GPU DeepSpeed runs on its CPU accelerator)")
+    if args.deepspeed and not model_args.freeze_vision_tower:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():  # see distributed.prepare_zero3
+            raise UsageError("DeepSpeed ZeRO-3 trains LLaVA-UHD with a frozen vision tower only (the paper's setting): "
+                             "use ZeRO-2 or FSDP with --freeze_vision_tower false")
     if not Path(data_args.data).exists():  # before anything loads
         raise UsageError(f"{data_args.data}: no such data file or directory")
     template = data_args.template or ("plain" if args.stage == 1 else "vicuna_v1")
@@ -200,6 +231,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, args: LlavaUHDTr
         raise
     summary = {"stage": args.stage, "template": template, "steps": trainer.state.global_step,
                "train_loss": result.training_loss, "output_dir": args.output_dir, "data": dataset.summary()}
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:  # gathered from the shards, on every rank
+        from .distributed import gathered_state_dict
+
+        state = gathered_state_dict(trainer)
+        if trainer.is_world_process_zero():
+            model = unsharded_copy(model, state, args)
     if trainer.is_world_process_zero():
         save_final(model, processor, args.output_dir, args)
         curve = plot_loss(trainer.state.log_history, os.path.join(args.output_dir, "loss.png"))
@@ -253,6 +290,9 @@ def _one_line(error: Exception) -> str:
 def main(argv: list[str]) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     try:
+        from .distributed import enable_cpu_sharding
+
+        enable_cpu_sharding()  # before the arguments set up the processes
         model_args, data_args, args = parse_train_args(argv)
         summary = train(model_args, data_args, args)
     except (UsageError, DataError) as e:
@@ -265,3 +305,7 @@ def main(argv: list[str]) -> int:
               + (f"; {summary['skipped']}" if summary.get("skipped") else "")
               + (f" (listed in {summary['skipped_file']})" if summary.get("skipped_file") else ""))
     return 0
+
+
+if __name__ == "__main__":  # python -m llava_uhd.train.run ...: `llava-uhd train` without the extras check
+    sys.exit(main(sys.argv[1:]))

@@ -47,12 +47,32 @@ class LlavaUHDTrainer(Trainer):
 
     - ``group_by_modality_length`` / ``group_by_length`` sampling (see `EpochSampler`), set by `run.train`;
     - ``projector_lr``: the resampler / projector gets its own learning rate (useful with LoRA on the LLM);
-    - ``trace_samples``: a JSONL line ``{"step", "ids"}`` per micro-batch with the sample ids it held.
+    - ``trace_samples``: a JSONL line ``{"step", "ids"}`` per micro-batch with the sample ids it held;
+    - FSDP2 units and precision for LLaVA-UHD, FSDP on CPU processes too, ``sharding_report`` (see `distributed`).
     """
 
     def __init__(self, *args, sampling: str = "random", **kwargs):
         super().__init__(*args, **kwargs)
         self.sampling = sampling
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if self.is_deepspeed_enabled and is_deepspeed_zero3_enabled():
+            from .distributed import prepare_zero3
+
+            prepare_zero3(self.model)
+        report = getattr(self.args, "sharding_report", None)
+        if report:
+            from .distributed import ShardingReport
+
+            self.add_callback(ShardingReport(report, self))
+
+    def create_accelerator_and_postprocess(self):
+        from .distributed import configure_fsdp_plugin, enable_cpu_sharding
+
+        enable_cpu_sharding()
+        super().create_accelerator_and_postprocess()
+        if self.is_fsdp_enabled:
+            configure_fsdp_plugin(self.accelerator.state.fsdp_plugin, self.model)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -84,6 +104,8 @@ class LlavaUHDTrainer(Trainer):
         return self.optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if getattr(self.args, "sharding_report", None) and isinstance(inputs.get("attention_mask"), torch.Tensor):
+            self.tokens_seen = getattr(self, "tokens_seen", 0) + int(inputs["attention_mask"].sum())  # no padding
         sample_ids = inputs.pop("sample_ids", None)
         trace = getattr(self.args, "trace_samples", None)
         if trace and sample_ids is not None:
@@ -99,8 +121,10 @@ def plot_loss(log_history: list[dict], out: str | Path) -> Path | None:
     points = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
     if not points:
         return None
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # a machine without the train extra's matplotlib (python -m llava_uhd.train.run)
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
