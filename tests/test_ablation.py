@@ -152,3 +152,46 @@ def test_settings_from_args_and_unknown_variant(tmp_path):
         parser.parse_args(["--variants", "nope"])
     with pytest.raises(ValueError, match="unknown variants"):
         ablation.run_ablation(AblationSettings.quick(), tmp_path, ["nope"], progress=False)
+
+
+@pytest.mark.parametrize("variant, size, pattern", [
+    # 128x64 on the 64x64 ViT (8x8 patches of 8 px), cap 6: N = 2, 2 columns x 1 row of 64x64 slices (exact);
+    # the overview, 2:1 in 64 patches: sqrt(128) = 11.3 -> 11 across, sqrt(32) = 5.7 -> 6 down, 66 > 64: 11 x 5
+    ("uhd", (128, 64), [("I", 8), ",", ("I", 8), "\n", ("I", 8)]),
+    ("uhd-no-schema", (128, 64), [("I", 8), ("I", 8), ("I", 8)]),
+    ("uhd-mlp", (128, 64), [("I", 64), ",", ("I", 64), "\n", ("I", 11 * 5)]),
+    ("pad", (128, 64), [("I", 8)]),  # one padded native view, whatever the image
+    # the turned image: 1 column x 2 rows, newlines only; the overview 5 x 11
+    ("uhd", (64, 128), [("I", 8), "\n", ("I", 8), "\n", ("I", 8)]),
+    ("uhd-mlp", (64, 128), [("I", 64), "\n", ("I", 64), "\n", ("I", 5 * 11)]),
+    # 192x128: N = 6, 3 columns x 2 rows of 64x64; the overview (3:2) in 64 patches: sqrt(96) = 9.8 -> 10,
+    # sqrt(42.7) = 6.5 -> 7, 70 > 64; 9 x 7 (1.29), 10 x 6 (1.67), 9 x 6 (1.5, exact): 9 x 6 = 54 patches
+    ("uhd", (192, 128), [("I", 8), ",", ("I", 8), ",", ("I", 8), "\n", ("I", 8), ",", ("I", 8), ",", ("I", 8),
+                         "\n", ("I", 8)]),
+    ("uhd-no-schema", (192, 128), [("I", 8 * 7)]),
+    ("uhd-mlp", (192, 128), [("I", 64), ",", ("I", 64), ",", ("I", 64), "\n", ("I", 64), ",", ("I", 64), ",",
+                             ("I", 64), "\n", ("I", 54)]),
+    ("pad", (192, 128), [("I", 8)]),
+])
+def test_each_variant_lays_out_the_image_tokens_as_written_by_hand(variant, size, pattern):
+    """The token ids an image becomes under each ablation switch (image strategy, projector, spatial schema), with
+    the quick settings (64x64 ViT, 8-px patches, 8 resampler queries), against layouts worked out by hand: runs
+    of the image token, the tokenizer's own "," between the slices of a row and "\\n" after each row."""
+    from conftest import random_image
+
+    settings = AblationSettings.quick()
+    assert (settings.image_size, settings.patch_size, settings.num_queries) == (64, 8, 8)
+    tokenizer = build_tokenizer(["USER: What colour is it? ASSISTANT: red, blue"], 300)
+    processor = build_processor(tokenizer, settings, variant)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    comma, newline = tokenizer.encode(",", add_special_tokens=False), tokenizer.encode("\n", add_special_tokens=False)
+    assert len(comma) == len(newline) == 1 and comma != newline
+    symbol = {",": comma, "\n": newline}
+    want = [t for part in pattern for t in ([image_id] * part[1] if isinstance(part, tuple) else symbol[part])]
+    out = processor(images=[random_image(*size)], text="A<image>B", return_tensors=None)
+    ids = out["input_ids"][0].tolist()
+    first = ids.index(image_id)
+    assert ids[first:first + len(want)] == want
+    rest = ids[:first] + ids[first + len(want):]
+    assert not set(rest) & {image_id, *comma, *newline}
+    assert processor.num_image_tokens(*size) == len(want)

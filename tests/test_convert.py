@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import build_tiny_tokenizer, random_image
+from conftest import build_tiny_tokenizer, random_image, rel_err
 
 from llava_uhd.convert import ConversionError, add_convert_arguments, convert_release, run_convert
 from llava_uhd.modeling.spatial_resampler import SpatialResampler
@@ -173,7 +173,7 @@ def test_converted_model_loads_runs_and_generates(release, converted):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert prompt.startswith("A chat between") and prompt.endswith("ASSISTANT:")  # vicuna_v1
-    image = random_image(150, 90)  # sliced: 2 x 2 slices + overview at a 56 px native size
+    image = random_image(150, 90)  # sliced: 3 x 2 slices + overview at a 56 px native size
     batch = processor(images=[image], text=[prompt])
     n_crops = batch["patch_grid_hw"].shape[0]
     assert n_crops > 1
@@ -182,6 +182,70 @@ def test_converted_model_loads_runs_and_generates(release, converted):
     assert torch.isfinite(logits).all()
     gen = model.generate(**batch, max_new_tokens=4, do_sample=False)
     assert gen.shape[1] == batch["input_ids"].shape[1] + 4 or gen[0, -1] == processor.tokenizer.eos_token_id
+
+
+@torch.no_grad()
+def test_converted_logits_match_a_slow_reference_built_from_the_release(release, converted):
+    """The converted model's logits against a float64 forward assembled from the release's own tensors, without
+    this project's modeling code: transformers' CLIP layers and Llama loaded from the release's keys, each crop
+    embedded by its own conv + the float64 bicubic position-embedding reference (`test_pos_embed`), layer
+    ``-2`` without its CLS, the spatial resampler one query at a time (`test_spatial_resampler`), its outputs put
+    in place of the image tokens in order. Tolerance: rel_err 1e-5 (float32 against float64 on tiny towers)."""
+    import torch.nn.functional as F
+    from test_pos_embed import reference_interpolation
+    from test_spatial_resampler import _reference as resampler_reference
+    from transformers import (AutoModelForImageTextToText, AutoProcessor, CLIPVisionConfig, CLIPVisionModel,
+                              LlamaConfig, LlamaForCausalLM)
+
+    import llava_uhd  # noqa: F401  (registers the Auto classes)
+
+    _, state = release
+    out, _ = converted
+    model = AutoModelForImageTextToText.from_pretrained(out).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    prompt = processor.question_prompt("What colour is it?")
+    batch = processor(images=[random_image(150, 90)], text=[prompt])
+    got = model(**batch).logits[0]
+
+    vision = CLIPVisionModel(CLIPVisionConfig(**VISION)).double().eval()
+    vision.load_state_dict({k[len(VISION_PREFIX):]: v for k, v in state.items()
+                            if k.startswith(VISION_PREFIX) and not k.endswith("position_ids")})
+    llm_state = {k: v for k, v in state.items() if not k.startswith(("model.vision_tower.", "model.mm_projector."))}
+    vocab = llm_state["lm_head.weight"].shape[0]
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **LLM)).double().eval()
+    llm.load_state_dict(llm_state)
+    resampler = SpatialResampler(VISION["hidden_size"], LLM["hidden_size"], 144).double().eval()
+    resampler.load_state_dict({k.removeprefix("model.mm_projector."): v for k, v in state.items()
+                               if k.startswith("model.mm_projector.")})
+
+    tower = getattr(vision, "vision_model", vision)  # transformers 5 drops the vision_model level
+    emb, p, c = tower.embeddings, VISION["patch_size"], 3
+    native = VISION["image_size"] // p
+    pos = emb.position_embedding.weight
+    crops, start = [], 0
+    for h, w in batch["patch_grid_hw"].tolist():
+        patches = batch["pixel_values"][start:start + h * w].double()  # row-major patches, each (c, p, p)
+        start += h * w
+        image = patches.view(h, w, c, p, p).permute(2, 0, 3, 1, 4).reshape(1, c, h * p, w * p)
+        tokens = F.conv2d(image, emb.patch_embedding.weight, stride=p).flatten(2)[0].T  # (h*w, D)
+        table = reference_interpolation(pos[1:].reshape(native, native, -1).numpy(), (h, w))
+        tokens = tokens + torch.from_numpy(table)
+        hidden = torch.cat([(emb.class_embedding + pos[0])[None], tokens])[None]
+        hidden = tower.pre_layrnorm(hidden)
+        for layer in tower.encoder.layers[:-1]:  # hidden_states[-2]: every layer but the last
+            hidden = layer(hidden, None)
+        crops.append(resampler_reference(resampler, hidden[0, 1:], h, w))
+    ids = batch["input_ids"][0]
+    is_image = ids == processor.image_token_id
+    embeds = llm.model.embed_tokens(ids.masked_fill(is_image, 0))
+    embeds[is_image] = torch.cat(crops)
+    want = llm(inputs_embeds=embeds[None]).logits[0]
+
+    # 150x90 on the 56 px ViT: N = ceil(13500 / 3136) = 5; slice aspect 5n / 3m, (3, 2) the closest to 1 (1.11):
+    # 3 x 2 slices + overview
+    assert len(crops) == 7 and int(is_image.sum()) == 7 * 144
+    assert got.shape[-1] >= vocab
+    assert rel_err(got[:, :vocab], want) < 1e-5, rel_err(got[:, :vocab], want)
 
 
 def test_bin_weights_and_cli(tmp_path, release, vocab_size):

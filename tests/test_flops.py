@@ -34,6 +34,40 @@ CLIP_L_CROP_23 = 366_033_858_560
 # + LLM 2*13e9*576 = 14_976_000_000_000 + causal attention 2*40*576**2*5120 = 135_895_449_600
 LLAVA15_13B = 15_514_168_094_720
 
+# The overview crop of a 672x1008 image: 19 x 29 = 551 patches, n = 552 tokens
+#   patch embedding   2 * 551 * 588 * 1024                  =    663_527_424
+#   per layer         2 * 552 * 4 * 1024**2                 =  4_630_511_616
+#                   + 2 * 552 * 2 * 1024 * 4096             =  9_261_023_232
+#                   + 2 * 2 * 552**2 * 1024                 =  1_248_067_584   (sum 15_139_602_432)
+#   23 layers + embedding                                   = 348_874_383_360
+CLIP_L_OVERVIEW_672x1008_23 = 348_874_383_360
+# The resampler on one 336x336 crop (n = 576 patch tokens, the CLS dropped; D = 1024, H = 5120, q = 64):
+#   kv_proj          2 * 576 * 1024 * 5120                  =  6_039_797_760
+#   k, v in-proj     2 * 2 * 576 * 5120**2                  = 60_397_977_600
+#   q in-proj        2 * 64 * 5120**2                       =  3_355_443_200
+#   attention        2 * 2 * 64 * 576 * 5120                =    754_974_720
+#   out_proj, proj   2 * (2 * 64 * 5120**2)                 =  6_710_886_400
+#   sum                                                     = 77_259_079_680
+RESAMPLER_CROP_576 = 77_259_079_680
+# ... and on the overview (n = 551): 5_777_653_760 + 57_776_537_600 + 3 * 3_355_443_200 + 722_206_720
+RESAMPLER_CROP_551 = 74_342_727_680
+# LLaVA-UHD-13B at 672x1008 (2 x 3 slices of 576 patches + the 551-patch overview, 7 * 64 + 6 = 454 tokens):
+#   ViT        6 * 366_033_858_560 + 348_874_383_360        =  2_545_077_534_720
+#   resampler  6 * 77_259_079_680 + 74_342_727_680          =    537_897_205_760
+#   LLM        2 * 13e9 * 454 + 2 * 40 * 454**2 * 5120      = 11_888_425_113_600  (11_804e9 + 84_425_113_600)
+UHD_13B_672x1008 = 14_971_399_854_080
+# the same with the MLP projector: 4007 patch tokens + 6 separators = 4013 LLM tokens
+#   MLP        2 * 4007 * (1024 * 5120 + 5120**2)           =    252_098_641_920
+#   LLM        2 * 13e9 * 4013 + 2 * 40 * 4013**2 * 5120    = 110_934_267_622_400
+UHD_MLP_13B_672x1008 = 113_731_443_799_040
+# LLaVA-NeXT-13B at 672x1008: the 2 x 2 pinpoint (672x672) + the base view, 5 crops of 576. The 48 x 48 tile
+# features are unpadded to the image's 2:3 (int(672 * 48 / 1008) = 32 columns) with a newline token per row:
+# 48 * 32 + 48 = 1584, + 576 base = 2160 tokens; the MLP runs on all 5 * 576 = 2880 before the unpadding.
+#   ViT        5 * 366_033_858_560                          =  1_830_169_292_800
+#   MLP        2 * 2880 * (1024 * 5120 + 5120**2)           =    181_193_932_800
+#   LLM        2 * 13e9 * 2160 + 2 * 40 * 2160**2 * 5120    = 58_071_029_760_000
+NEXT_13B_672x1008 = 60_082_392_985_600
+
 
 def test_vit_one_crop_by_hand():
     spec = vision_spec("clip-l-336")
@@ -62,13 +96,13 @@ def test_paper_tflops():
     t = cost_table(672, 1008, vision="clip-l-336", llm_params=13e9, mlp_ablation=True)
     for model, paper in PAPER_TFLOPS.items():
         assert abs(t[model]["total_tflops"] / paper - 1) < 0.03, (model, t[model]["total_tflops"], paper)
-    # What this convention gives exactly (regression guard; see the flops module docstring).
-    assert t["llava-1.5"]["total_tflops"] == pytest.approx(15.514, abs=0.001)  # paper 15.5   (+0.1%)
-    assert t["llava-uhd"]["total_tflops"] == pytest.approx(14.971, abs=0.001)  # paper 14.6   (+2.5%)
-    assert t["llava-uhd-mlp"]["total_tflops"] == pytest.approx(113.731, abs=0.001)  # paper 113.65 (+0.1%)
-    assert t["llava-next"]["total_tflops"] == pytest.approx(60.082, abs=0.001)
+    # What this convention gives exactly (worked by hand in test_672x1008_totals_worked_by_hand)
+    assert t["llava-1.5"]["total_flops"] == LLAVA15_13B  # 15.514, paper 15.5   (+0.1%)
+    assert t["llava-uhd"]["total_flops"] == UHD_13B_672x1008  # 14.971, paper 14.6   (+2.5%)
+    assert t["llava-uhd-mlp"]["total_flops"] == UHD_MLP_13B_672x1008  # 113.731, paper 113.65 (+0.1%)
+    assert t["llava-next"]["total_flops"] == NEXT_13B_672x1008  # 60.082
     # The paper's "12.9% of the MLP variant's compute": 13.2% here.
-    assert t["llava-uhd"]["total_flops"] / t["llava-uhd-mlp"]["total_flops"] == pytest.approx(0.132, abs=0.001)
+    assert t["llava-uhd"]["total_flops"] / t["llava-uhd-mlp"]["total_flops"] == pytest.approx(0.1316, abs=1e-4)
 
 
 def test_paper_2x2_mlp_ablation():
@@ -201,3 +235,34 @@ def test_format_and_cli_helpers():
     assert json.loads(out)["llava-uhd"]["visual_tokens"] == 454
     out = run_cost(parser.parse_args(["--width", "672", "--height", "1008", "--llm-params", "7e9"]))
     assert "7B" in out
+
+
+def test_resampler_one_crop_by_hand():
+    assert resampler_flops(576, 1024, 5120) == RESAMPLER_CROP_576
+    assert resampler_flops(551, 1024, 5120, queries=64) == RESAMPLER_CROP_551
+    # D == H: no kv_proj (the features already have the LLM's width): 77_259_079_680 - 6_039_797_760 with D = 5120
+    # in every other term unchanged
+    assert resampler_flops(576, 5120, 5120) == RESAMPLER_CROP_576 - 6_039_797_760
+    # 32 queries: the four q-sized terms halve (3 * 3_355_443_200 + 754_974_720 -> half)
+    assert resampler_flops(576, 1024, 5120, queries=32) == RESAMPLER_CROP_576 - (3 * 3_355_443_200 + 754_974_720) // 2
+
+
+def test_672x1008_totals_worked_by_hand():
+    """Every component of the 672x1008 comparison against the sums written out above (not the module's output)."""
+    spec = vision_spec("clip-l-336")
+    assert vit_crop_flops(551, spec, 23) == CLIP_L_OVERVIEW_672x1008_23
+    t = cost_table(672, 1008, mlp_ablation=True)
+    uhd, mlp, nxt = t["llava-uhd"], t["llava-uhd-mlp"], t["llava-next"]
+    assert uhd["vit_flops"] == mlp["vit_flops"] == 6 * CLIP_L_CROP_23 + CLIP_L_OVERVIEW_672x1008_23 \
+        == 2_545_077_534_720
+    assert uhd["projector_flops"] == 6 * RESAMPLER_CROP_576 + RESAMPLER_CROP_551 == 537_897_205_760
+    assert uhd["llm_flops"] == 11_804_000_000_000 + 84_425_113_600
+    assert uhd["total_flops"] == 2_545_077_534_720 + 537_897_205_760 + 11_888_425_113_600 == UHD_13B_672x1008
+    assert mlp["llm_tokens"] == 4013 and mlp["projector_flops"] == 252_098_641_920
+    assert mlp["llm_flops"] == 110_934_267_622_400
+    assert mlp["total_flops"] == 2_545_077_534_720 + 252_098_641_920 + 110_934_267_622_400 == UHD_MLP_13B_672x1008
+    assert nxt["visual_tokens"] == 48 * 32 + 48 + 576 == 2160
+    assert nxt["vit_flops"] == 5 * CLIP_L_CROP_23 and nxt["projector_flops"] == 181_193_932_800
+    assert nxt["llm_flops"] == 58_071_029_760_000
+    assert nxt["total_flops"] == 1_830_169_292_800 + 181_193_932_800 + 58_071_029_760_000 == NEXT_13B_672x1008
+    assert uhd["total_tflops"] == UHD_13B_672x1008 / 1e12

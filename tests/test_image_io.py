@@ -184,3 +184,117 @@ def test_32_bit_images_are_scaled_by_their_real_range():
     nan = Image.fromarray(np.full((4, 4), np.nan, np.float32), mode="F")
     with pytest.raises(ValueError, match="NaN or infinite"):
         load_rgb(nan)
+
+
+def _palette(mode: str):
+    from PIL import Image
+
+    image = Image.new(mode, (3, 1))
+    image.putpalette([255, 0, 0, 0, 255, 0, 10, 20, 30] + [0] * (256 * 3 - 9))
+    return image
+
+
+def _over_white(value: float, alpha: int) -> float:
+    """A straight-alpha value composited on white: v * a/255 + 255 * (1 - a/255)."""
+    return value * alpha / 255 + 255 * (1 - alpha / 255)
+
+
+def _mode_cases():
+    """(name, image, expected RGB of its pixels left to right, tolerance in 0-255 levels), every expectation from
+    the mode's definition (not from Pillow or `load_rgb`). Tolerance 1 where Pillow's fixed-point arithmetic may
+    round the other way."""
+    from PIL import Image
+
+    def frombytes(mode, width, values):
+        return Image.frombytes(mode, (width, 1), bytes(values))
+
+    grey = [0, 7, 128, 255]
+    p = _palette("P")
+    p.putdata([0, 1, 2])
+    p_transparent = p.copy()
+    p_transparent.info["transparency"] = 1  # palette index 1 is the transparent one
+    pa = _palette("PA")
+    pa.putdata([(0, 255), (1, 0), (2, 128)])
+    cmyk = [(0, 0, 0, 0), (255, 0, 0, 0), (0, 0, 0, 255), (100, 50, 25, 60)]
+    ycbcr = [(128, 128, 128), (0, 128, 128), (100, 50, 200), (200, 180, 60)]
+
+    def cmyk_to_rgb(c, m, y, k):  # (255 - K) * (1 - C/255), per channel
+        return [(255 - k) * (255 - v) / 255 for v in (c, m, y)]
+
+    def ycbcr_to_rgb(y, cb, cr):  # JPEG's (ITU-R BT.601 full range), clipped to 0-255
+        rgb = [y + 1.402 * (cr - 128), y - 0.344136 * (cb - 128) - 0.714136 * (cr - 128), y + 1.772 * (cb - 128)]
+        return [min(255, max(0, v)) for v in rgb]
+
+    return [
+        ("L", Image.fromarray(np.array([grey], np.uint8), "L"), [[g] * 3 for g in grey], 0),
+        ("1", Image.fromarray(np.array([[0, 1, 1, 0]], bool)).convert("1"),
+         [[0] * 3, [255] * 3, [255] * 3, [0] * 3], 0),
+        ("LA", frombytes("LA", 4, [10, 0, 10, 255, 10, 128, 200, 51]),
+         [[_over_white(10, 0)] * 3, [10] * 3, [_over_white(10, 128)] * 3, [_over_white(200, 51)] * 3], 1),
+        # premultiplied alpha: v' + 255 - a
+        ("La", frombytes("La", 2, [64, 128, 0, 0]), [[64 + 255 - 128] * 3, [255] * 3], 1),
+        ("RGBA", frombytes("RGBA", 4, [255, 0, 0, 0, 255, 0, 0, 255, 0, 100, 200, 128, 40, 80, 120, 51]),
+         [[255] * 3, [255, 0, 0], [_over_white(v, 128) for v in (0, 100, 200)],
+          [_over_white(v, 51) for v in (40, 80, 120)]], 1),
+        ("RGBa", frombytes("RGBa", 3, [100, 50, 0, 128, 0, 0, 0, 0, 200, 100, 50, 255]),
+         [[v + 255 - 128 for v in (100, 50, 0)], [255] * 3, [200, 100, 50]], 1),
+        ("P", p, [[255, 0, 0], [0, 255, 0], [10, 20, 30]], 0),
+        ("P+transparency", p_transparent, [[255, 0, 0], [255, 255, 255], [10, 20, 30]], 0),
+        ("PA", pa, [[255, 0, 0], [255, 255, 255], [_over_white(v, 128) for v in (10, 20, 30)]], 1),
+        ("CMYK", frombytes("CMYK", 4, [v for px in cmyk for v in px]), [cmyk_to_rgb(*px) for px in cmyk], 1),
+        ("YCbCr", frombytes("YCbCr", 4, [v for px in ycbcr for v in px]), [ycbcr_to_rgb(*px) for px in ycbcr], 1),
+        ("HSV", frombytes("HSV", 4, [0, 255, 255, 85, 255, 255, 170, 255, 255, 30, 0, 128]),  # 0, 120, 240 degrees
+         [[255, 0, 0], [0, 255, 0], [0, 0, 255], [128] * 3], 1),
+        ("RGB", frombytes("RGB", 2, [1, 2, 3, 250, 251, 252]), [[1, 2, 3], [250, 251, 252]], 0),
+    ]
+
+
+@pytest.mark.parametrize("name", [case[0] for case in _mode_cases()])
+def test_every_8_bit_mode_gives_the_rgb_its_definition_says(name):
+    [(_, image, want, tolerance)] = [case for case in _mode_cases() if case[0] == name]
+    out = load_rgb(image)
+    assert out.mode == "RGB" and out.size == (len(want), 1)
+    got = np.asarray(out, np.float64)[0]
+    assert np.abs(got - np.asarray(want, np.float64)).max() <= tolerance + 0.5, (got.tolist(), want)
+
+
+def test_wide_and_float_modes_give_the_values_their_definition_says():
+    """16-bit integers divide by 65535 (also when a 32-bit container holds them); other 32-bit integers, and floats
+    outside [0, 1], are scaled min to max; floats in [0, 1] are kept. Grey: the three channels are equal."""
+    from PIL import Image
+
+    cases = [
+        (Image.fromarray(np.array([[0, 257, 32768, 65535]], np.uint16)), [0, 257 / 65535, 32768 / 65535, 1]),
+        (Image.frombytes("I;16B", (4, 1), np.array([0, 257, 32768, 65535], ">u2").tobytes()),
+         [0, 257 / 65535, 32768 / 65535, 1]),
+        (Image.fromarray(np.array([[0, 1000, 65535, 30000]], np.int32), "I"), [0, 1000 / 65535, 1, 30000 / 65535]),
+        (Image.fromarray(np.array([[-100, 0, 100, 300]], np.int32), "I"), [0, 100 / 400, 200 / 400, 1]),
+        (Image.fromarray(np.array([[0, 0.25, 0.5, 1]], np.float32), "F"), [0, 0.25, 0.5, 1]),
+        (Image.fromarray(np.array([[0.1, 0.2, 0.3, 0.4]], np.float32), "F"), [0.1, 0.2, 0.3, 0.4]),
+        (Image.fromarray(np.array([[-1, 0, 1, 3]], np.float32), "F"), [0, 1 / 4, 2 / 4, 1]),
+    ]
+    for image, want in cases:
+        out = load_rgb(image)
+        assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == (1, 4, 3), image.mode
+        np.testing.assert_allclose(out[0], np.repeat(np.asarray(want)[:, None], 3, axis=1), atol=1e-6,
+                                   err_msg=image.mode)
+
+
+def test_arrays_give_the_values_their_dtype_says():
+    """bool: False black, True white; uint8 as is (through PIL: RGBA composited on white); uint16 / 65535; floats
+    in [0, 1] as they are, with RGBA composited on white (c * a + 1 - a); (C, H, W) read as (H, W, C)."""
+    as_rgb = [[0, 0, 0], [255, 255, 255]]
+    assert np.asarray(load_rgb(np.array([[False, True]]))).tolist() == [as_rgb]
+    assert np.asarray(load_rgb(np.array([[3, 250]], np.uint8))).tolist() == [[[3] * 3, [250] * 3]]
+    rgba8 = np.array([[[255, 0, 0, 0], [0, 100, 200, 128]]], np.uint8)
+    got = np.asarray(load_rgb(rgba8), np.float64)[0]
+    assert np.abs(got - [[255] * 3, [_over_white(v, 128) for v in (0, 100, 200)]]).max() <= 1.5
+    np.testing.assert_allclose(load_rgb(np.array([[0, 655, 65535]], np.uint16))[0, :, 0], [0, 655 / 65535, 1],
+                               atol=1e-7)
+    rgba = np.array([[[1.0, 0.0, 0.5, 0.0], [1.0, 0.0, 0.5, 0.25], [0.2, 0.4, 0.6, 1.0]]], np.float32)
+    np.testing.assert_allclose(load_rgb(rgba)[0], [[1, 1, 1], [1, 0.75, 0.875], [0.2, 0.4, 0.6]], atol=1e-6)
+    chw = np.zeros((3, 2, 5), np.float32)
+    chw[0], chw[1], chw[2] = 0.1, 0.2, 0.3
+    out = load_rgb(chw)
+    assert out.shape == (2, 5, 3)
+    np.testing.assert_allclose(out[1, 4], [0.1, 0.2, 0.3], atol=1e-7)

@@ -267,3 +267,261 @@ def test_the_exact_token_sequence_of_asymmetric_grids(tiny_tokenizer, size, patt
     # nothing else in the prompt ("A", "B", the template) is an image token or a separator
     rest = ids[:first] + ids[first + len(want):]
     assert not set(rest) & {processor.image_token_id, *symbol[","], *symbol["\n"]}
+
+
+# ------------------------------------------------------------------------------------------ found by the mutation check
+# (scripts/mutation_check.py: each test below fails for a small change of processing.py that the tests above let pass)
+def refused(message, call, *args, **kwargs):
+    """``call(*args, **kwargs)`` raises a ValueError whose message is exactly ``message``."""
+    import re
+
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        call(*args, **kwargs)
+
+
+def bos_eos_tokenizer():
+    """The tiny tokenizer made to add ``<s>`` before and ``</s>`` after every text (as many LLM tokenizers add a
+    BOS, and some an EOS too), so that which calls add special tokens shows."""
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = build_tiny_tokenizer()
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> $B </s>", special_tokens=[("<s>", bos), ("</s>", eos)])
+    assert tokenizer("hi")["input_ids"] == [bos, *tokenizer("hi", add_special_tokens=False)["input_ids"], eos]
+    return tokenizer
+
+
+def test_a_tokenizer_that_adds_bos_and_eos():
+    tokenizer = bos_eos_tokenizer()
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    processor = LlavaUHDProcessor(LlavaUHDImageProcessor(), tokenizer, num_queries=2)
+    plain = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    # the separators are the characters' own tokens, not the EOS the tokenizer appends
+    assert (tokenizer.decode([processor.comma_id]), tokenizer.decode([processor.newline_id])) == (",", "\n")
+    # 40x30 is not sliced: one crop, 2 image tokens
+    image = processor.image_token_id
+    want = [bos, *plain("look "), image, image, *plain(" now"), eos]
+    assert processor(images=[random_image(40, 30)], text="look <image> now", return_tensors=None)[
+        "input_ids"][0].tolist() == want
+    assert processor(images=[random_image(40, 30)], text="look <image> now", add_special_tokens=False,
+                     return_tensors=None)["input_ids"][0].tolist() == want[1:-1]
+    # an answer is its own tokens and one EOS, never a BOS (nor a second EOS)
+    out = processor(text="Q?", answers="red", return_tensors=None)
+    labels = out["labels"][0]
+    assert labels[labels != IGNORE_INDEX].tolist() == plain("red") + [eos]
+    assert out["input_ids"][0].tolist() == [bos, *plain("Q?"), eos, *plain("red"), eos]
+    # a special token typed in a user span: text; the tokenizer's BOS / EOS still around the whole prompt
+    from llava_uhd.processing import ChatPrompt
+
+    prompt = ChatPrompt("USER: say </s> ok ASSISTANT:", [(6, 15)])
+    split = tokenizer("</s>", add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert processor.encode_text(prompt) == [bos, *plain("USER: say "), *split, *plain(" ok ASSISTANT:"), eos]
+    assert processor.encode_text(prompt, add_special_tokens=False) == [*plain("USER: say "), *split,
+                                                                       *plain(" ok ASSISTANT:")]
+    # the count before any pixel agrees with what processing makes of it, BOS and EOS included
+    text = processor.question_prompt("What colour?", num_images=2)
+    sizes = [(40, 30), (1008, 672)]
+    n = len(processor(images=[random_image(*s) for s in sizes], text=text)["input_ids"][0])
+    # the prompt's own tokens (a placeholder is one), BOS and EOS, less the 2 placeholders, plus 2 tokens for the
+    # 40x30 image and 7 crops * 2 + 6 separators for the 1008x672 one
+    assert processor.count_prompt_tokens(text, sizes) == n == len(plain(str(text))) + 2 - 2 + 2 + (7 * 2 + 6)
+
+
+def test_a_single_token_is_needed_for_each_separator():
+    from llava_uhd.processing import _single_token_id
+
+    class NoTokens:
+        def encode(self, text, add_special_tokens=True):
+            return []
+
+    refused("the tokenizer has no token for ','", _single_token_id, NoTokens(), ",")
+
+
+def test_padding_side_pad_id_and_attention_mask():
+    tokenizer = build_tiny_tokenizer()  # its own copy: the session's tiny_tokenizer is shared
+    tokenizer.pad_token = "</s>"  # an id other than 0, so that a padding of zeros shows
+    pad = tokenizer.pad_token_id
+    assert pad != 0 and tokenizer.padding_side == "left"
+    processor = LlavaUHDProcessor(LlavaUHDImageProcessor(), tokenizer)
+    texts = ["What colour is the shape?", "red"]
+    long, short = (tokenizer(t)["input_ids"] for t in texts)
+    k = len(long) - len(short)
+    assert k > 0
+    for side, kwargs in [("left", {}), ("right", {"padding_side": "right"}), ("left", {"padding_side": "left"})]:
+        out = processor(text=texts, return_tensors=None, **kwargs)
+        row = [pad] * k + short if side == "left" else short + [pad] * k
+        mask = [0] * k + [1] * len(short) if side == "left" else [1] * len(short) + [0] * k
+        assert out["input_ids"].tolist() == [long, row], side
+        assert out["attention_mask"].tolist() == [[1] * len(long), mask], side
+        assert "labels" not in out  # labels only with answers
+    tokenizer.padding_side = "right"  # no padding_side given: the tokenizer's
+    assert processor(text=texts, return_tensors=None)["input_ids"][1].tolist() == short + [pad] * k
+    labelled = processor(text=texts, answers=["a", "b"], padding_side="left", return_tensors=None)
+    assert (labelled["labels"][:, :1] == IGNORE_INDEX).all() and labelled["labels"].dtype == np.int64
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_zeros():
+    tokenizer = build_tiny_tokenizer()
+    processor = LlavaUHDProcessor(LlavaUHDImageProcessor(), tokenizer)
+    tokenizer.pad_token = None
+    assert tokenizer.pad_token_id is None
+    out = processor(text=["What colour is the shape?", "red"], padding_side="right", return_tensors=None)
+    short = tokenizer("red")["input_ids"]
+    assert out["input_ids"][1].tolist() == short + [0] * (out["input_ids"].shape[1] - len(short))
+
+
+def test_truncation_requests_are_refused_each_on_its_own():
+    processor = LlavaUHDProcessor(LlavaUHDImageProcessor(), build_tiny_tokenizer())  # its tokenizer is changed below
+    message = ("LlavaUHDProcessor does not truncate (a cut could split an image's tokens); shorten the prompt "
+               "instead")
+    refused(message, processor, text=["hi"], truncation=True)
+    refused(message, processor, text=["hi"], max_length=4)
+    refused(message, processor, text=["hi"], text_kwargs={"max_length": 4})
+    assert processor(text=["hi"], truncation=False)["input_ids"].shape == (1, len(processor.tokenizer("hi")[
+        "input_ids"]))
+    # a tokenizer saved with a max_length (some tokenizer_config.json files have one) is not a request to truncate
+    processor.tokenizer.init_kwargs["max_length"] = 8
+    assert processor(text=["hi"], return_tensors=None)["input_ids"][0].tolist() == processor.tokenizer("hi")[
+        "input_ids"]
+
+
+def test_call_errors_are_named(processor):
+    refused("text is required (put an <image> placeholder where each image goes)", processor,
+            images=[random_image(30, 30)])
+    refused("got 2 answers for 1 prompts", processor, text="Q?", answers=["a", "b"])
+    one = processor(text="Q?", answers="red", return_tensors=None)  # one answer as a string
+    assert processor.tokenizer.decode(one["labels"][0][one["labels"][0] != IGNORE_INDEX].tolist()) == "red</s>"
+
+
+def test_constructor_errors_are_named(tiny_tokenizer):
+    needs = "LlavaUHDProcessor needs an image_processor and a tokenizer"
+    refused(needs, LlavaUHDProcessor, None, tiny_tokenizer)
+    refused(needs, LlavaUHDProcessor, LlavaUHDImageProcessor(), None)
+    refused("projector must be 'resampler' or 'mlp', got 'linear'", LlavaUHDProcessor, LlavaUHDImageProcessor(),
+            tiny_tokenizer, projector="linear")
+    # a tokenizer with an unknown token: a missing placeholder maps to it, and is refused the same way
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_special_tokens({"unk_token": "<unk>"})
+    assert tokenizer.convert_tokens_to_ids("<img-not-there>") == tokenizer.unk_token_id is not None
+    refused("'<img-not-there>' is not a token of the tokenizer: call LlavaUHDProcessor.add_image_token(tokenizer) "
+            "first", LlavaUHDProcessor, LlavaUHDImageProcessor(), tokenizer, image_token="<img-not-there>")
+
+
+def test_the_per_call_slice_cap_reaches_every_count(processor):
+    """1008x672 with at most 2 slices: N = 2, (2, 1) (slices 504x672, 1.33x off square) against (1, 2) (1008x336,
+    3x off): "I,I\\nI", 3 * 64 + 2 tokens. Each 504x672 slice (3:4) in 576 patches: 20.8 -> 21 by 27.7 -> 28, 588 >
+    576; 20 x 28 (0.714), 21 x 27 (0.778), 20 x 27 (0.741, 1.0125 off 0.75): 20 x 27 = 540; the overview (3:2):
+    29.4 -> 29 by 19.6 -> 20, 580 > 576: 29 x 19 = 551. Without the cap: 3 x 2 slices of 336 + overview."""
+    image = random_image(1008, 672)
+    assert processor.num_image_tokens(1008, 672) == 7 * 64 + 6
+    assert processor.num_image_tokens(1008, 672, max_slices=2) == 3 * 64 + 2
+    flat = processor(images=[image], text="<image>", max_slices=2)
+    nested = processor(images=[image], text="<image>", images_kwargs={"max_slices": 2})
+    for out in (flat, nested):
+        assert out["patch_grid_hw"].tolist() == [[27, 20], [27, 20], [19, 29]]
+        assert out["input_ids"].shape[1] == 3 * 64 + 2 + len(processor.tokenizer("")["input_ids"])
+    data = processor._get_num_multimodal_tokens(image_sizes=[(672, 1008)], max_slices=2)
+    assert data.num_image_tokens == [3 * 64 + 2] and data.num_image_patches == [2 * 540 + 551]
+    assert processor._get_num_multimodal_tokens(image_sizes=[(672, 1008)]).num_image_patches == [6 * 576 + 551]
+    prompt = processor.question_prompt("What?")
+    assert processor.count_prompt_tokens(prompt, [(1008, 672)], max_slices=2) == len(
+        processor(images=[image], text=prompt, max_slices=2)["input_ids"][0])
+
+
+def test_add_image_token_keeps_the_other_special_tokens_and_picks_a_pad():
+    tokenizer = build_tiny_tokenizer(with_image_token=False)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    LlavaUHDProcessor.add_image_token(tokenizer)
+    assert {"<|im_end|>", "<image>"} <= set(tokenizer.all_special_tokens)
+    assert tokenizer.pad_token == "<pad>"  # a pad token already there is kept
+    no_pad = build_tiny_tokenizer(with_image_token=False)
+    no_pad.pad_token = None
+    assert LlavaUHDProcessor.add_image_token(no_pad).pad_token == "</s>"  # no unk: the EOS
+    with_unk = build_tiny_tokenizer(with_image_token=False)
+    with_unk.add_special_tokens({"unk_token": "<unk>"})
+    with_unk.pad_token = None
+    assert LlavaUHDProcessor.add_image_token(with_unk).pad_token == "<unk>"
+
+
+def test_question_prompt_errors_are_named(processor):
+    refused("the question is empty", processor.question_prompt, "   ")
+    refused("the question is empty", processor.question_prompt, "<image> \n")
+    refused("the question holds 2 <image> placeholder(s) for 1 image(s)", processor.question_prompt,
+            "<image> and <image>?")
+
+
+def test_render_chat_spans_and_its_fallback(processor):
+    # an image part carrying a text field: the template does not show it, so it is no user text
+    messages = [{"role": "user", "content": [{"type": "image", "text": "not shown"},
+                                             {"type": "text", "text": "Say </s> please"}]}]
+    prompt = processor.render_chat(messages)
+    assert [prompt[a:b] for a, b in prompt.user_spans] == ["Say </s> please"]
+    # a template that rewrites the user's text: no spans, the template's own rendering, generation prompt or not
+    shouting = LlavaUHDProcessor(LlavaUHDImageProcessor(), processor.tokenizer, chat_template=(
+        "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"))
+    messages = [{"role": "user", "content": "hi </s>"}]
+    assert shouting.render_chat(messages) == "HI </S>>" and shouting.render_chat(messages).user_spans == ()
+    assert shouting.render_chat(messages, add_generation_prompt=False) == "HI </S>"
+    # a template that leaves the user's text out altogether: its own rendering, no spans
+    silent = LlavaUHDProcessor(LlavaUHDImageProcessor(), processor.tokenizer, chat_template=(
+        "{% for m in messages %}<{{ m['role'] }}>{% endfor %}"))
+    assert silent.render_chat(messages) == "<user>" and silent.render_chat(messages).user_spans == ()
+    # the same for a template that trims the user's text (as Llama 3's does): the template's prompt, exactly
+    trimming = LlavaUHDProcessor(LlavaUHDImageProcessor(), processor.tokenizer, chat_template=(
+        "{% for m in messages %}[{{ m['content'] | trim }}]{% endfor %}"))
+    assert trimming.render_chat([{"role": "user", "content": "  hi  "}]) == "[hi]"
+
+
+def test_from_backbones_reads_the_checkpoints_and_the_settings(tmp_path, monkeypatch):
+    """The vision checkpoint's size, patch and mean/std, the LLM's tokenizer with the image token, the model
+    settings (defaults, then every one given)."""
+    import json
+
+    from transformers import CLIPVisionConfig
+
+    vision = tmp_path / "vision"
+    CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                     patch_size=16, image_size=64).save_pretrained(vision)
+    (vision / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.1, 0.2, 0.3],
+                                                                 "image_std": [0.4, 0.5, 0.6]}))
+    llm = tmp_path / "llm"
+    build_tiny_tokenizer(with_image_token=False).save_pretrained(llm)
+
+    p = LlavaUHDProcessor.from_backbones(str(vision), str(llm))
+    ip = p.image_processor
+    assert (ip.size, ip.patch_size, ip.max_slices) == ({"height": 64, "width": 64}, 16, 6)
+    assert (tuple(ip.image_mean), tuple(ip.image_std)) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    assert (ip.image_strategy, tuple(ip.fixed_grid)) == ("uhd", (2, 2))
+    assert (p.num_queries, p.projector, p.spatial_schema, p.overview_position) == (64, "resampler", True, "after")
+    assert p.tokenizer.decode([p.image_token_id]) == "<image>" and p.chat_template.startswith("{%- if messages[0]")
+
+    p = LlavaUHDProcessor.from_backbones(str(vision), str(llm), slice_size=96, max_slices=3,
+                                         image_strategy="fixed_grid", fixed_grid=(3, 1), num_queries=8,
+                                         projector="mlp", spatial_schema=False, overview_position="before",
+                                         resampler_heads=2)  # a model-only setting: ignored
+    ip = p.image_processor
+    assert (ip.size, ip.max_slices, ip.image_strategy, tuple(ip.fixed_grid)) == (
+        {"height": 96, "width": 96}, 3, "fixed_grid", (3, 1))
+    assert (p.num_queries, p.projector, p.spatial_schema, p.overview_position) == (8, "mlp", False, "before")
+
+    # a whole CLIP checkpoint (text and vision towers): the vision tower's sizes
+    from transformers import CLIPConfig
+
+    whole = tmp_path / "clip"
+    CLIPConfig(vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                              "num_attention_heads": 2, "patch_size": 8, "image_size": 48},
+               text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                            "num_attention_heads": 2}).save_pretrained(whole)
+    ip = LlavaUHDProcessor.from_backbones(str(whole), str(llm)).image_processor
+    assert (ip.size, ip.patch_size) == ({"height": 48, "width": 48}, 8)
+
+    import transformers
+
+    seen = []
+    real = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda path, **kw: seen.append(kw) or real(path))
+    LlavaUHDProcessor.from_backbones(str(vision), str(llm))
+    LlavaUHDProcessor.from_backbones(str(vision), str(llm), gguf_file="model.gguf")
+    assert seen == [{}, {"gguf_file": "model.gguf"}]

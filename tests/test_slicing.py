@@ -1,4 +1,5 @@
 import math
+import re
 from dataclasses import asdict
 from fractions import Fraction
 
@@ -6,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llava_uhd.slicing import DEFAULT_MAX_PIXELS, SliceConfig, choose_grid, fit_to_patches, partition, plan_slices
+from llava_uhd.slicing import (DEFAULT_MAX_PIXELS, SliceConfig, choose_grid, fit_to_patches, partition, plan_fixed_grid,
+                               plan_slices)
 
 PAPER = SliceConfig.paper()
 
@@ -346,3 +348,123 @@ def test_property_paper_claim_on_slice_shapes(wh):
     for s in plan.slices:
         l, t, r, b = s.box
         assert Fraction(1, 2) - Fraction(1, 20) <= Fraction(r - l, b - t) <= 2 + Fraction(1, 10)
+
+
+# ------------------------------------------------------------------------------------------ found by the mutation check
+# (scripts/mutation_check.py: each test below fails for a small change of slicing.py that the tests above let pass)
+def refused(message, call, *args, **kwargs):
+    """``call(*args, **kwargs)`` raises a ValueError whose message is exactly ``message``."""
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        call(*args, **kwargs)
+
+
+def test_size_errors_name_the_side_and_the_pixel_count():
+    refused("image width must be a positive integer, got 0", plan_slices, 0, 10)
+    refused("image height must be a positive integer, got 0", plan_slices, 10, 0)
+    refused("image width must be a positive integer, got True", plan_slices, True, 10)
+    refused("image height must be a positive integer, got 2.0", plan_fixed_grid, 10, 2.0, 1, 1)
+    # the limit is inclusive: exactly max_pixels pixels pass, one more is refused
+    assert plan_slices(1000, 1000, max_pixels=1_000_000).is_sliced
+    refused("image of 1000x1000 = 1000000 pixels exceeds max_pixels=999999; downscale it first or raise "
+            "SliceConfig.max_pixels", plan_slices, 1000, 1000, max_pixels=999_999)
+
+
+def test_config_errors_and_the_smallest_valid_settings():
+    refused("image_size must be two positive integers, got (0, 336)", SliceConfig, image_size=(0, 336))
+    refused("image_size must be two positive integers, got (336, 0)", SliceConfig, image_size=(336, 0))
+    refused("image_size must be two positive integers, got (336.0, 336)", SliceConfig, image_size=(336.0, 336))
+    refused("image_size must be two positive integers, got (336, 336.0)", SliceConfig, image_size=(336, 336.0))
+    refused("patch_size must be a positive integer, got 0", SliceConfig, patch_size=0)
+    refused("patch_size must be a positive integer, got 14.0", SliceConfig, patch_size=14.0)
+    refused("image_size (330, 336) must be a multiple of patch_size 14", SliceConfig, image_size=(330, 336))
+    refused("max_slices must be an integer >= 1, got 0", SliceConfig, max_slices=0)
+    refused("max_pixels must be positive or None, got 0", SliceConfig, max_pixels=0)
+    refused("unknown slicing preset 'nope'; choose one of ['paper', 'release']", SliceConfig.preset, "nope")
+    # one-pixel ViT, one-pixel patches, a one-pixel limit: all valid
+    tiny = SliceConfig(image_size=(1, 1), patch_size=1, max_slices=1, max_pixels=1)
+    assert tiny.native_patches == 1 and not plan_slices(1, 1, tiny).is_sliced
+    assert SliceConfig(patch_size=1).native_patches == 336 * 336
+    assert SliceConfig.preset("paper") == SliceConfig.paper() and SliceConfig.preset("release", max_slices=3) == \
+        SliceConfig(max_slices=3)
+
+
+def test_a_plan_keeps_its_settings_and_describes_itself():
+    """`SlicePlan.to_dict` of the paper's example written out: 6 slices of 336x336 (24x24 patches) and the overview,
+    672x1008 fitted to 576 patches: sqrt(576 * 2/3) = 19.6 -> 20 across, sqrt(864) = 29.4 -> 29 down, 580 > 576,
+    so the width goes down: 19 x 29 (the height already is its floor). Patches 6 * 576 + 551, tokens 7 * 64 + 6
+    separators by default."""
+    plan = plan_slices(672, 1008)
+    assert plan.num_tokens() == 454 and plan.config == SliceConfig()
+    box = [[0, 0, 336, 336], [336, 0, 672, 336], [0, 336, 336, 672], [336, 336, 672, 672], [0, 672, 336, 1008],
+           [336, 672, 672, 1008]]
+    config = {"image_size": [336, 336], "patch_size": 14, "max_slices": 6, "max_pixels": 178_956_970}
+    assert plan.to_dict() == {
+        "width": 672, "height": 1008, "cols": 2, "rows": 3,
+        "slices": [{"box": b, "size": [336, 336], "grid": [24, 24]} for b in box],
+        "overview": {"box": [0, 0, 672, 1008], "size": [19 * 14, 29 * 14], "grid": [29, 19]},
+        "patches": 6 * 576 + 19 * 29, "tokens": 7 * 64 + 6, "config": config}
+    assert plan.to_dict(queries=2, spatial_schema=False)["tokens"] == 14
+    assert plan.to_dict(queries=2)["tokens"] == 20
+    small = plan_slices(100, 50, max_slices=3)
+    assert small.config == SliceConfig(max_slices=3)
+    assert small.to_dict() == {
+        "width": 100, "height": 50, "cols": 1, "rows": 1,
+        # 2:1 in 576 patches: sqrt(1152) = 33.9 -> 34 across, sqrt(288) = 16.97 -> 17 down (578 > 576): 34 x 16
+        # (2.125: 1.0625 off 2), 33 x 16 (2.0625: 1.0313 off) or 33 x 17 (1.941: 1.0303 off): 33 x 17
+        "slices": [{"box": [0, 0, 100, 50], "size": [33 * 14, 17 * 14], "grid": [17, 33]}],
+        "overview": None, "patches": 33 * 17, "tokens": 64, "config": {**config, "max_slices": 3}}
+
+
+def test_fixed_grid_worked_by_hand():
+    # 1000x600 in 2 x 2: 500x300 slices, each (like the whole image, 5:3) 30 x 18 patches (see above)
+    plan = plan_fixed_grid(1000, 600, 2, 2)
+    assert (plan.cols, plan.rows) == (2, 2) and plan.config == SliceConfig()
+    assert [s.box for s in plan.slices] == [(0, 0, 500, 300), (500, 0, 1000, 300), (0, 300, 500, 600),
+                                            (500, 300, 1000, 600)]
+    assert [s.size for s in plan.crops] == [(420, 252)] * 5
+    assert plan.overview.box == (0, 0, 1000, 600)
+    # the grid is taken as given, even where Eq. 1 would not slice: 3 columns of a 10x10 image (3, 3 and 4 pixels)
+    config = SliceConfig(max_slices=2)
+    plan = plan_fixed_grid(10, 10, 3, 1, config)
+    assert [s.box for s in plan.slices] == [(0, 0, 3, 10), (3, 0, 6, 10), (6, 0, 10, 10)]
+    assert plan.is_sliced and plan.config is config
+    # 1 x 1: the whole image, no overview
+    one = plan_fixed_grid(500, 300, 1, 1)
+    assert not one.is_sliced and one.slices[0].box == (0, 0, 500, 300) and one.slices[0].size == (420, 252)
+    # a grid as wide / tall as the image in pixels fits; one more column or row does not
+    assert len(plan_fixed_grid(3, 2, 3, 2).slices) == 6
+    for cols, rows in [(4, 2), (3, 3), (0, 1), (1, 0)]:
+        refused(f"a {cols}x{rows} grid does not fit a 3x2 image", plan_fixed_grid, 3, 2, cols, rows)
+    refused("image of 100x100 = 10000 pixels exceeds max_pixels=9999; downscale it first or raise "
+            "SliceConfig.max_pixels", plan_fixed_grid, 100, 100, 2, 2, SliceConfig(max_pixels=9999))
+
+
+def test_grids_must_fit_in_the_pixels():
+    """A 1x1-pixel ViT makes images of a few pixels sliceable. 2x3 pixels, cap 6: N = 6, counts 5 and 6; 5 slices
+    fit neither as 1 x 5 nor 5 x 1 (3 rows, 2 columns of pixels), 6 only as 2 columns x 3 rows: one pixel each
+    (every other grid would need a column or row more than the image has). 3x3 pixels, cap 8: N = 9 -> 8, counts
+    7 and 8: 7 needs 7 pixels in a line, 8 a side of 4 or more: nothing fits, so the image is not sliced."""
+    pixel_vit = SliceConfig(image_size=(1, 1), patch_size=1, max_slices=6)
+    assert choose_grid(2, 3, pixel_vit) == (2, 3)
+    assert choose_grid(3, 2, pixel_vit) == (3, 2)
+    assert choose_grid(3, 3, SliceConfig(image_size=(1, 1), patch_size=1, max_slices=8)) == (1, 1)
+    assert not plan_slices(3, 3, image_size=(1, 1), patch_size=1, max_slices=8).is_sliced
+
+
+def test_rule_3_prefers_slices_shaped_like_the_image_over_square_ones():
+    """1680x1120 (3:2) on a 336x224 ViT (target 3:2), cap 6: N = ceil(1881600 / 75264) = 25 -> 6, counts 5, 6.
+    Slice aspect 1.5 n / m: (2, 3) 2.25 and (3, 2) 1 are both 1.5x off 1.5 (the rest: (1, 5) 7.5, (5, 1) 0.3,
+    (1, 6) 9, (6, 1) 0.25). Same score, same count: rule 3 takes the landscape slices of the landscape image,
+    (2, 3) (rule 4 alone would take the square ones). Turned (1120x1680 on 224x336): portrait slices, (3, 2)."""
+    assert choose_grid(1680, 1120, SliceConfig(image_size=(336, 224), max_slices=6)) == (2, 3)
+    assert choose_grid(1120, 1680, SliceConfig(image_size=(224, 336), max_slices=6)) == (3, 2)
+
+
+def test_fit_to_patches_cap_edge_and_best_option_by_hand():
+    # 590x1370 (aspect 0.4307), cap 576: sqrt(576 * 0.4307) = 15.75 -> 16, sqrt(576 / 0.4307) = 36.57 -> 37, 592 > 576.
+    # Options 15 x 37 (0.405: 1.062 off), 16 x 36 (0.444: 1.032 off), 15 x 36 (0.417: 1.034 off): 16 x 36, which
+    # uses exactly the 576 patches (a fit at the cap is allowed)
+    assert fit_to_patches(590, 1370, PAPER) == (16 * 14, 36 * 14)
+    # 840x160 (5.25) on 448x224, cap 32 * 16 = 512: sqrt(2688) = 51.85 -> 52, sqrt(97.5) = 9.87 -> 10, 520 > 512.
+    # Options 51 x 10 (5.1: 1.029 off), 52 x 9 (5.78: 1.101 off), 51 x 9 (5.67: 1.079 off): 51 x 10
+    assert fit_to_patches(840, 160, SliceConfig(image_size=(448, 224))) == (51 * 14, 10 * 14)

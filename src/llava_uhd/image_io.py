@@ -121,6 +121,8 @@ def _pil_to_working(image: Image.Image) -> Image.Image | np.ndarray:
         return np.repeat(_scale_wide(image)[:, :, None], 3, axis=2)
     if mode == "1":
         image = image.convert("L")
+    if mode == "La":  # Pillow converts premultiplied grey + alpha to nothing but LA
+        image = image.convert("LA")
     if mode in _ALPHA_MODES or (mode == "P" and "transparency" in image.info):
         # Composite transparent pixels on white instead of keeping whatever colour hides under alpha = 0.
         rgba = image.convert("RGBA")

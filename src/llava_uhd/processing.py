@@ -256,7 +256,8 @@ class LlavaUHDProcessor(ProcessorMixin):
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> ChatPrompt:
         """``apply_chat_template(messages)`` as a `ChatPrompt` that knows where the user turns' text lies, so that
         special tokens typed there stay text. Falls back to no spans (transformers' behaviour) for a template that
-        rewrites the user's text rather than inserting it."""
+        rewrites the user's text rather than inserting it as it is (``| trim``, ``| upper``): the prompt is always
+        exactly ``apply_chat_template(messages)``."""
         texts: list[str] = []
 
         def hide(text: str) -> str:
@@ -274,9 +275,10 @@ class LlavaUHDProcessor(ProcessorMixin):
                     if part.get("type") == "text" and isinstance(part.get("text"), str):
                         part["text"] = hide(part["text"])
         rendered = self.apply_chat_template(hidden, add_generation_prompt=add_generation_prompt)
+        plain = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         found = [int(m.group(1)) for m in _HIDDEN.finditer(rendered)]
         if sorted(found) != list(range(len(texts))):
-            return ChatPrompt(self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt))
+            return ChatPrompt(plain)
         pieces, spans, length, last = [], [], 0, 0
         for m in _HIDDEN.finditer(rendered):
             pieces += [rendered[last:m.start()], texts[int(m.group(1))]]
@@ -285,6 +287,8 @@ class LlavaUHDProcessor(ProcessorMixin):
             length += len(pieces[-1])
             last = m.end()
         pieces.append(rendered[last:])
+        if "".join(pieces) != plain:  # the template changed the text it was given (| trim, | upper, ...)
+            return ChatPrompt(plain)
         return ChatPrompt("".join(pieces), spans)
 
     def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -351,7 +355,10 @@ class LlavaUHDProcessor(ProcessorMixin):
         merged = self._merge_kwargs(LlavaUHDProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs,
                                     **kwargs)
         text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
-        if text_kwargs.get("truncation") or text_kwargs.get("max_length") is not None:
+        # what the caller asked for, flat or in text_kwargs (the merged kwargs also hold the tokenizer's saved
+        # defaults, and a tokenizer_config.json that records a max_length must not make every call fail)
+        asked = {**kwargs, **(kwargs.get("text_kwargs") or {})}
+        if asked.get("truncation") or asked.get("max_length") is not None:
             raise ValueError("LlavaUHDProcessor does not truncate (a cut could split an image's tokens); shorten "
                              "the prompt instead")
         return_tensors = text_kwargs.get("return_tensors", "pt")
