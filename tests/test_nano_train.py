@@ -40,7 +40,6 @@ def test_quick_run_end_to_end(nano_run):
         config = json.loads((out / folder / "nano_config.json").read_text())
         assert config["name"] == name and config["model"]["image_strategy"] == variant
         assert results["variants"][variant]["export"]["dir"] == str(out / folder)
-        assert results["variants"][variant]["export_check"]["same_answers"] == 4
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert {(r["variant"], r["stage"]) for r in rows} == {("uhd", 1), ("uhd", 2), ("pad", 1), ("pad", 2)}
     md = (out / "results.md").read_text()
