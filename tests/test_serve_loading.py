@@ -44,3 +44,32 @@ def test_loading_mistakes_are_value_errors(saved):
         load_model(saved, device="cuda", quantize="int8")
     with pytest.raises(ValueError, match="dtype must be one of"):
         load_model(saved, dtype="float64")
+
+
+def test_auto_dtype_is_bfloat16_only_where_it_is_native(monkeypatch):
+    from llava_uhd.serve import loading
+
+    monkeypatch.setattr(loading, "native_bf16", lambda device="cpu": True)
+    assert loading.resolve_dtype("auto", "cpu", nano=True) == "bfloat16"  # measured equal accuracy, 1.3x faster
+    assert loading.resolve_dtype("auto", "cpu", nano=False) == "float32"  # a saved model on the CPU: not measured
+    assert loading.resolve_dtype("auto", "cuda", nano=False) == "bfloat16"
+    assert loading.resolve_dtype("float16", "cpu", nano=True) == "float16"  # a named dtype is kept
+    monkeypatch.setattr(loading, "native_bf16", lambda device="cpu": False)
+    assert loading.resolve_dtype("auto", "cpu", nano=True) == "float32"
+    assert loading.resolve_dtype("auto", "cuda", nano=False) == "float32"
+
+
+def test_native_bf16_reads_the_cpu_flags(monkeypatch, tmp_path):
+    import builtins
+
+    from llava_uhd.serve import loading
+
+    real_open = builtins.open
+    for flags, expected in (("fpu sse avx512f amx_bf16 amx_tile", True), ("fpu avx512_bf16", True),
+                            ("fpu sse avx2 avx512f", False)):
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(builtins, "open",
+                            lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path, *a, **k))
+        assert loading.native_bf16("cpu") is expected, flags
+    assert loading.native_bf16("meta") is False

@@ -38,8 +38,8 @@ lmms-eval's older ``MODEL_REGISTRY`` (`register_model`) for code that looks ther
 Model arguments (``--model_args k=v,...``): ``pretrained`` (a saved LLaVA-UHD folder, e.g. a ``llava-uhd
 convert`` output, or a nano weights folder; omitted: the built-in nano model), ``device`` (default ``cuda`` when
 there is one, else ``cpu``; under ``accelerate launch`` each process takes ``cuda:<local rank>`` and its share of
-the requests), ``dtype`` (``float32``, ``bfloat16``, ``float16``; default ``bfloat16`` on a GPU, ``float32`` on
-the CPU), ``batch_size``, ``max_slices``, ``max_new_tokens`` (when a task gives none; default 1024, as lmms-eval's
+the requests), ``dtype`` (``float32``, ``bfloat16``, ``float16``; default ``auto``: ``bfloat16`` on a GPU that
+computes it natively, and for the nano model on a CPU with AMX or AVX-512-BF16; else ``float32``), ``batch_size``, ``max_slices``, ``max_new_tokens`` (when a task gives none; default 1024, as lmms-eval's
 LLaVA), ``likelihood`` (``loss`` / ``logprob``), ``quantize`` (``none`` / ``int8``, CPU) and ``cache_dir`` (the
 nano backbones' cache). Unknown arguments are refused by name.
 """
@@ -143,7 +143,7 @@ class LlavaUHDLmms(lmms):
         if device in (None, "", "None"):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype in (None, "", "None"):
-            dtype = "float32" if str(device).startswith("cpu") else "bfloat16"
+            dtype = "auto"  # bfloat16 where the device computes it natively (`resolve_dtype`)
         self._device = torch.device(device)
         self._model, self._processor, self.info = load_model(pretrained, cache_dir=cache_dir, device=device,
                                                              dtype=dtype, quantize=quantize)

@@ -194,7 +194,7 @@ def _eval(args) -> int:
     record = {"task": task.name, "title": task.title, "model_id": model_id, "answers": len(items), **metrics,
               "settings": {"max_new_tokens": settings.max_new_tokens, "temperature": settings.temperature,
                            "top_p": settings.top_p, "num_beams": settings.num_beams, "max_slices": args.max_slices,
-                           "resize_long_side": args.resize_long_side, "dtype": args.dtype, "limit": args.limit},
+                           "resize_long_side": args.resize_long_side, "dtype": info["dtype"], "limit": args.limit},
               "seconds": round(seconds, 2), "files": files}
     Path(files["metrics"]).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     print(_summary(task, metrics, len(items), files))

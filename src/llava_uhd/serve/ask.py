@@ -112,7 +112,7 @@ def _ask(args) -> int:
         raise CommandError(str(e)) from None
     write("\n")
     if args.verbose:
-        print(f"model: {info['kind']} ({info['source']}), loaded in {t_load:.1f} s on {args.device} in {args.dtype} "
+        print(f"model: {info['kind']} ({info['source']}), loaded in {t_load:.1f} s on {args.device} in {info['dtype']} "
               f"with {torch.get_num_threads()} threads", file=sys.stderr)
         for k, image in enumerate(stats["images"]):
             cols, rows = image["grid"]

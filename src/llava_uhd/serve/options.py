@@ -21,7 +21,7 @@ from ..commandline import (CommandParser, check_device, exit_quietly_on_closed_p
 __all__ = ["CommandError", "add_model_arguments", "add_generation_arguments", "generation_settings",
            "load_from_args", "prepare_runtime", "run_command", "command_main", "DTYPE_CHOICES", "NANO_NOTE"]
 
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 NANO_NOTE = ("the built-in nano model only knows synthetic single-shape pictures (one small shape on a plain "
              "background: its colour, its kind, its quarter of the image)")
@@ -40,8 +40,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", default=None, help="where converted nano backbones are kept (default "
                                                       "$LLAVA_UHD_CACHE or ~/.cache/llava_uhd/backbones)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, mps, ...")
-    parser.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES,
-                        help="the model's weights and compute type (default float32)")
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                        help="the model's weights and compute type (default auto: bfloat16 on a GPU that computes it "
+                             "natively, and for the nano model also on a CPU with AMX or AVX-512-BF16; else float32)")
     parser.add_argument("--quantize", default="none", choices=("none", "int8"),
                         help="int8: the LLM's and the projector's linear layers in int8 (torchao; CPU inference: "
                              "less memory, see the README for speed)")
