@@ -21,7 +21,7 @@ from .image_io import describe_image, load_rgb, rgb_size
 from .slicing import DEFAULT_MAX_PIXELS, SliceConfig, SlicePlan, plan_fixed_grid, plan_slices
 
 __all__ = ["LlavaUHDImageProcessor", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "IMAGENET_MEAN", "IMAGENET_STD", "load_rgb",
-           "vision_image_stats", "patchify", "unpatchify", "flatten_images"]
+           "vision_image_stats", "packed_batch", "patchify", "unpatchify", "flatten_images"]
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -289,18 +289,25 @@ class LlavaUHDImageProcessor(BaseImageProcessor):
             layouts.append((plan.rows, plan.cols))
             sizes.append((height, width))
         dim = 3 * self.patch_size**2
-        data = {
-            "pixel_values": np.concatenate(patches) if patches else np.zeros((0, dim), np.float32),
-            "patch_grid_hw": np.asarray(grids, dtype=np.int64).reshape(-1, 2),
-            "crop_image_ids": np.asarray(owners, dtype=np.int64),
-            "crop_is_overview": np.asarray(overview, dtype=bool),
-            "image_layout": np.asarray(layouts, dtype=np.int64).reshape(-1, 2),
-            "image_sizes": np.asarray(sizes, dtype=np.int64).reshape(-1, 2),
-        }
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        pixel_values = np.concatenate(patches) if patches else np.zeros((0, dim), np.float32)
+        return packed_batch(pixel_values, grids, owners, overview, layouts, sizes, return_tensors)
 
     def __call__(self, images, **kwargs) -> BatchFeature:
         return self.preprocess(images, **kwargs)
+
+
+def packed_batch(pixel_values, grids, owners, overview, layouts, sizes, return_tensors=None) -> BatchFeature:
+    """The processors' output: ``pixel_values`` and each crop's grid, image and overview flag, each image's layout
+    and size, as the arrays the model reads (see the class docstring)."""
+    data = {
+        "pixel_values": pixel_values,
+        "patch_grid_hw": np.asarray(grids, dtype=np.int64).reshape(-1, 2),
+        "crop_image_ids": np.asarray(owners, dtype=np.int64),
+        "crop_is_overview": np.asarray(overview, dtype=bool),
+        "image_layout": np.asarray(layouts, dtype=np.int64).reshape(-1, 2),
+        "image_sizes": np.asarray(sizes, dtype=np.int64).reshape(-1, 2),
+    }
+    return BatchFeature(data=data, tensor_type=return_tensors)
 
 
 def vision_image_stats(name_or_path) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -29,7 +29,7 @@ from PIL import Image
 from transformers.image_processing_utils import BatchFeature
 
 from .image_io import rgb_size
-from .image_processing import LlavaUHDImageProcessor, flatten_images, patchify
+from .image_processing import LlavaUHDImageProcessor, flatten_images, packed_batch, patchify
 
 __all__ = ["LlavaUHDImageProcessorFast"]
 
@@ -150,15 +150,7 @@ class LlavaUHDImageProcessorFast(LlavaUHDImageProcessor):
 
         if return_tensors != "pt":
             pixel_values = pixel_values.cpu().numpy()
-        data = {
-            "pixel_values": pixel_values,
-            "patch_grid_hw": np.asarray(grids, dtype=np.int64).reshape(-1, 2),
-            "crop_image_ids": np.asarray(owners, dtype=np.int64),
-            "crop_is_overview": np.asarray(overview, dtype=bool),
-            "image_layout": np.asarray(layouts, dtype=np.int64).reshape(-1, 2),
-            "image_sizes": np.asarray(sizes, dtype=np.int64).reshape(-1, 2),
-        }
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        return packed_batch(pixel_values, grids, owners, overview, layouts, sizes, return_tensors)
 
     def _pad_tensor(self, pixels: torch.Tensor, eight_bit: bool) -> torch.Tensor:
         """`pad_to_square` on a ``(3, H, W)`` tensor, on its device."""
