@@ -262,3 +262,23 @@ def nano_run(nano_cache, tmp_path_factory):
                          time_budget_s=900, command="pytest quick run", log=messages.append)
     torch.set_num_threads(threads)
     return out, results, messages
+
+
+def tiny_training_workspace(root):
+    """``root`` filled for a training run: a tiny saved model and processor (``root/tiny``) and 24 LLaVA-format
+    samples (``root/data.json``, images of four sizes in ``root/imgs``, answers red/green/blue in turn)."""
+    import json
+
+    model, processor = build_tiny("clip", num_queries=4)
+    model.save_pretrained(root / "tiny")
+    processor.save_pretrained(root / "tiny")
+    (root / "imgs").mkdir()
+    records = []
+    for i in range(24):
+        w, h = [(90, 50), (40, 100), (60, 60), (120, 30)][i % 4]
+        random_image(w, h, seed=i).save(root / "imgs" / f"{i}.png")
+        records.append({"id": f"s{i}", "image": f"{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is the shape?"},
+            {"from": "gpt", "value": ["red", "green", "blue"][i % 3]}]})
+    (root / "data.json").write_text(json.dumps(records))
+    return root

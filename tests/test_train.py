@@ -8,32 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny, free_port, random_image
+from conftest import free_port, tiny_training_workspace
 
 from llava_uhd import LlavaUHDForConditionalGeneration
 from llava_uhd.train.arguments import parse_train_args
 from llava_uhd.train.run import last_complete_checkpoint, train
 
-COLOURS = ["red", "green", "blue"]
-
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A tiny saved model and 24 LLaVA-format samples (images of several sizes)."""
-    root = tmp_path_factory.mktemp("train")
-    model, processor = build_tiny("clip", num_queries=4)
-    model.save_pretrained(root / "tiny")
-    processor.save_pretrained(root / "tiny")
-    (root / "imgs").mkdir()
-    records = []
-    for i in range(24):
-        w, h = [(90, 50), (40, 100), (60, 60), (120, 30)][i % 4]
-        random_image(w, h, seed=i).save(root / "imgs" / f"{i}.png")
-        records.append({"id": f"s{i}", "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is the shape?"},
-            {"from": "gpt", "value": COLOURS[i % 3]}]})
-    (root / "data.json").write_text(json.dumps(records))
-    return root
+    return tiny_training_workspace(tmp_path_factory.mktemp("train"))
 
 
 def common_args(ws, out, *extra):

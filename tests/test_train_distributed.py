@@ -12,7 +12,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny, random_image, rel_err
+from conftest import build_tiny, free_port, random_image, rel_err, tiny_training_workspace
 
 from llava_uhd import LlavaUHDForConditionalGeneration
 
@@ -37,26 +36,7 @@ slow = pytest.mark.slow
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     """A tiny saved model and 24 LLaVA samples (images of four sizes), like test_train's."""
-    root = tmp_path_factory.mktemp("dist")
-    model, processor = build_tiny("clip", num_queries=4)
-    model.save_pretrained(root / "tiny")
-    processor.save_pretrained(root / "tiny")
-    (root / "imgs").mkdir()
-    records = []
-    for i in range(24):
-        w, h = [(90, 50), (40, 100), (60, 60), (120, 30)][i % 4]
-        random_image(w, h, seed=i).save(root / "imgs" / f"{i}.png")
-        records.append({"id": f"s{i}", "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is the shape?"},
-            {"from": "gpt", "value": ["red", "green", "blue"][i % 3]}]})
-    (root / "data.json").write_text(json.dumps(records))
-    return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return tiny_training_workspace(tmp_path_factory.mktemp("dist"))
 
 
 def train_args(ws: Path, out: Path, per_device: int, *extra: str) -> list[str]:
