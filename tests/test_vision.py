@@ -555,6 +555,28 @@ def test_max_batch_tokens_splits_passes(mode, cap):
             assert len(calls) < len(MIXED_GRIDS)  # crops do share packs
 
 
+@torch.no_grad()
+def test_max_batch_tokens_auto_caps_dense_batches_on_the_cpu(monkeypatch):
+    import llava_uhd.modeling.vision as vision
+
+    monkeypatch.setattr(vision, "CPU_BATCH_TOKENS", 40)  # a cap the tiny crops reach
+    enc = make_encoder(clip_config, 21, packing="bucket")
+    assert enc.max_batch_tokens == "auto" and "max_batch_tokens" not in repr(enc)
+    assert enc.resolve_max_batch_tokens("bucket") == 40
+    assert enc.resolve_max_batch_tokens("varlen") is None  # a pack is one sequence: nothing to gain on a CPU
+    assert enc.resolve_max_batch_tokens("bucket", "cuda") is None  # the device asked about, not the tower's
+    grids = [(4, 4)] * 5  # 17 tokens each with the CLS: 2 per pass under a cap of 40
+    pixel_values, grids = random_crops(grids, seed=4)
+    calls = []
+    handle = enc.layers[0].register_forward_pre_hook(lambda module, args: calls.append(tuple(args[0].shape[:2])))
+    out = enc(pixel_values, grids)
+    enc.max_batch_tokens = None  # no cap: one dense batch of 5
+    ref = enc(pixel_values, grids)
+    handle.remove()
+    assert calls == [(2, 17), (2, 17), (1, 17), (5, 17)]
+    assert rel_err(out, ref) < 1e-5
+
+
 def test_max_batch_tokens_validation():
     enc = AdaptiveVisionEncoder.from_config(clip_config(), max_batch_tokens=4096)
     assert enc.max_batch_tokens == 4096 and "max_batch_tokens=4096" in repr(enc)
@@ -562,7 +584,9 @@ def test_max_batch_tokens_validation():
         with pytest.raises((ValueError, TypeError)):
             enc.max_batch_tokens = bad
     enc.max_batch_tokens = None
-    assert enc.max_batch_tokens is None
+    assert enc.max_batch_tokens is None and enc.resolve_max_batch_tokens("bucket") is None
+    enc.max_batch_tokens = "auto"
+    assert enc.max_batch_tokens == "auto"
 
 
 def test_gradient_checkpointing_uses_buckets():

@@ -30,7 +30,9 @@ length**, not by grid (a 24x24 and a 16x36 crop share one batch):
   `resolve_packing` says which one a device / dtype gets.
 
 ``max_batch_tokens=N`` caps the tokens of one pass in either mode (crops are never split): it bounds activation
-memory. Both modes give the same features up to float round-off, each crop's depending on that crop alone, scattered
+memory. The default, ``"auto"``, caps dense batches on the CPU at `CPU_BATCH_TOKENS` (one CLIP-L/14-336 crop, a
+few B/16 crops a pass: on a CPU a bigger batch is no faster, its intermediates just fall out of cache) and leaves
+everything else uncapped. Both modes give the same features up to float round-off, each crop's depending on that crop alone, scattered
 back into the packed order of the input.
 
 Interpolated position embeddings are cached per grid, keyed on the identity, storage, dtype, device and version
@@ -85,6 +87,10 @@ SUPPORTED_MODEL_TYPES = {
 
 PACKING_MODES = ("bucket", "varlen", "auto")
 
+# max_batch_tokens="auto" on the CPU, bucket packing: per-pass tokens past which a dense batch stops getting faster
+# there and only costs memory (bench/RESULTS.md: CLIP-L/14 bf16 1.14x faster than uncapped, B/16 the same)
+CPU_BATCH_TOKENS = 1024
+
 _MAX_CACHED_GRIDS = 256
 
 
@@ -134,8 +140,9 @@ class AdaptiveVisionEncoder(nn.Module):
             docstring; `resolve_packing` tells which one a forward runs. Can be changed later (``enc.packing =``).
         max_batch_tokens: if set, no pass through the layers gets more than this many tokens (prefix included):
             a bucket is split into dense sub-batches, a varlen pack into several packs (a crop is never split, so
-            a crop longer than the cap still runs, alone). None (default): no cap. Bounds activation memory; on a
-            CPU it also keeps the MLP intermediates in cache (see ``bench/RESULTS.md``).
+            a crop longer than the cap still runs, alone). None: no cap. ``"auto"`` (default): `CPU_BATCH_TOKENS`
+            for bucket packing on a CPU, no cap otherwise (`resolve_max_batch_tokens`). Bounds activation memory;
+            on a CPU it also keeps the MLP intermediates in cache (see ``bench/RESULTS.md``).
 
     Attributes:
         family: ``"clip"``, ``"siglip"`` or ``"dinov2"``.
@@ -144,11 +151,11 @@ class AdaptiveVisionEncoder(nn.Module):
         hidden_size: ``D``, the width of the returned features.
         num_prefix_tokens: CLS and register tokens the tower prepends (dropped from the output).
         packing: the requested packing mode.
-        max_batch_tokens: the cap on tokens per pass (None: no cap).
+        max_batch_tokens: the requested cap on tokens per pass (None: no cap; ``"auto"``).
     """
 
     def __init__(self, vision_model: nn.Module, feature_layer: int = -2, trainable: bool = False,
-                 packing: str = "auto", max_batch_tokens: int | None = None):
+                 packing: str = "auto", max_batch_tokens: int | str | None = "auto"):
         super().__init__()
         if not hasattr(vision_model, "embeddings") and hasattr(vision_model, "vision_model"):
             vision_model = vision_model.vision_model
@@ -205,7 +212,7 @@ class AdaptiveVisionEncoder(nn.Module):
 
     @classmethod
     def from_config(cls, vision_config, feature_layer: int = -2, trainable: bool = False,
-                    packing: str = "auto", max_batch_tokens: int | None = None) -> "AdaptiveVisionEncoder":
+                    packing: str = "auto", max_batch_tokens: int | str | None = "auto") -> "AdaptiveVisionEncoder":
         """A randomly initialised tower from a vision config (a full CLIP / SigLIP config's ``vision_config`` is
         used)."""
         is_tower_config = getattr(vision_config, "model_type", None) in SUPPORTED_MODEL_TYPES
@@ -314,14 +321,26 @@ class AdaptiveVisionEncoder(nn.Module):
         self._packing = value
 
     @property
-    def max_batch_tokens(self) -> int | None:
+    def max_batch_tokens(self) -> int | str | None:
         return self._max_batch_tokens
 
     @max_batch_tokens.setter
-    def max_batch_tokens(self, value: int | None) -> None:
-        if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
-            raise ValueError(f"max_batch_tokens must be a positive integer or None, got {value!r}")
-        self._max_batch_tokens = None if value is None else int(value)
+    def max_batch_tokens(self, value: int | str | None) -> None:
+        if value == "auto" or value is None:
+            self._max_batch_tokens = value
+            return
+        if isinstance(value, (bool, str)) or int(value) != value or value < 1:
+            raise ValueError(f"max_batch_tokens must be a positive integer, 'auto' or None, got {value!r}")
+        self._max_batch_tokens = int(value)
+
+    def resolve_max_batch_tokens(self, mode: str, device: torch.device | str | None = None) -> int | None:
+        """The cap a forward in packing ``mode`` (``"bucket"`` / ``"varlen"``) on ``device`` (default: the
+        tower's) runs with: the number set, or for ``"auto"`` `CPU_BATCH_TOKENS` for bucket packing on a CPU
+        and None (no cap) otherwise."""
+        if self._max_batch_tokens != "auto":
+            return self._max_batch_tokens
+        device = self.device if device is None else torch.device(device)
+        return CPU_BATCH_TOKENS if mode == "bucket" and device.type == "cpu" else None
 
     def resolve_packing(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> str:
         """The mode a forward runs, ``"bucket"`` or ``"varlen"``, for inputs on ``device`` in ``dtype`` (default:
@@ -418,10 +437,12 @@ class AdaptiveVisionEncoder(nn.Module):
             return pixel_values.new_zeros((0, self.hidden_size), dtype=dtype, device=device)
 
         groups = self.embed_crops(pixel_values, grids)
-        hiddens = self._split_batches([hidden for hidden, _ in groups])
-        if self.resolve_packing(device, dtype) == "varlen":
+        mode = self.resolve_packing(device, dtype)
+        cap = self.resolve_max_batch_tokens(mode, device)
+        hiddens = self._split_batches([hidden for hidden, _ in groups], cap)
+        if mode == "varlen":
             feats = []
-            for pack in self._packs(hiddens):
+            for pack in self._packs(hiddens, cap):
                 feats += self._encode_packed(pack)
         else:
             feats = [self._encode_dense(hidden) for hidden in hiddens]
@@ -476,16 +497,16 @@ class AdaptiveVisionEncoder(nn.Module):
             groups.append((self._stem(tokens), rows))
         return groups
 
-    def _split_batches(self, hiddens: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Split ``(B, L, D)`` batches into pieces of at most `max_batch_tokens` tokens (at least one sequence)."""
-        cap = self.max_batch_tokens
+    @staticmethod
+    def _split_batches(hiddens: list[torch.Tensor], cap: int | None) -> list[torch.Tensor]:
+        """Split ``(B, L, D)`` batches into pieces of at most ``cap`` tokens (at least one sequence)."""
         if cap is None:
             return hiddens
         return [piece for h in hiddens for piece in h.split(max(1, cap // h.shape[1]))]
 
-    def _packs(self, hiddens: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-        """Consecutive batches grouped into packs of at most `max_batch_tokens` tokens (all in one if no cap)."""
-        cap = self.max_batch_tokens
+    @staticmethod
+    def _packs(hiddens: list[torch.Tensor], cap: int | None) -> list[list[torch.Tensor]]:
+        """Consecutive batches grouped into packs of at most ``cap`` tokens (all in one if no cap)."""
         if cap is None:
             return [hiddens]
         packs, tokens = [], 0
@@ -563,7 +584,7 @@ class AdaptiveVisionEncoder(nn.Module):
     def extra_repr(self) -> str:
         return (f"family={self.family}, feature_layer={self.feature_layer}, patch_size={self.patch_size}, "
                 f"native_grid={self.native_grid}, trainable={self.trainable}, packing={self.packing!r}"
-                + (f", max_batch_tokens={self.max_batch_tokens}" if self.max_batch_tokens is not None else ""))
+                + (f", max_batch_tokens={self.max_batch_tokens}" if self.max_batch_tokens != "auto" else ""))
 
 
 def _transformers_version() -> str:

@@ -81,7 +81,7 @@ def vision_layers_as_units(tower) -> bool:
     match expected size"). ``"varlen"`` (the CUDA default) calls each layer once per forward, unless
     ``max_batch_tokens`` splits the crops. Where varlen cannot run (a tower whose layers do not pass the segments
     on, a trainable tower), the whole tower is one unit instead: gathered once per forward."""
-    if tower.trainable or tower.max_batch_tokens is not None or tower.num_layers_to_run == 0:
+    if tower.trainable or tower.resolve_max_batch_tokens("varlen") is not None or tower.num_layers_to_run == 0:
         return False
     packing = tower.packing
     tower.packing = "varlen"
