@@ -215,6 +215,23 @@ def test_against_slow_reference(batching):
     assert rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("attention", ["plain", "folded"])
+def test_cpu_chunks_of_whole_crops_match_the_reference(attention, monkeypatch):
+    import llava_uhd.modeling.resampler as resampler
+
+    m = make(seed=3, attention=attention)
+    grids = [(2, 3)] * 5 + [(3, 3)] * 2 + [(1, 7)]
+    x, g = packed(grids, seed=8)
+    calls = []
+    handle = m.kv_proj.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[:-1]))
+    monkeypatch.setattr(resampler, "CPU_CHUNK_TOKENS", 13)  # two 2x3 crops, one 3x3 or 1x7 crop per pass
+    with torch.no_grad():
+        out = m(x, g)
+    handle.remove()
+    assert calls == [(2, 6), (2, 6), (1, 6), (1, 9), (1, 9), (1, 7)]  # every row projected once, whole crops
+    assert rel_err(out, reference_resampler(m, x, grids)) < 1e-5
+
+
 def test_float64_module_matches_reference_tightly():
     m = make(seed=4).double()
     x, g = packed([(2, 3), (3, 2), (2, 3)], seed=6)

@@ -29,13 +29,15 @@ Batching
 --------
 Inputs are packed: ``features`` ``(P, D_v)`` holds all crops of a batch back to back and ``patch_grid_hw``
 ``(K, 2)`` gives each crop's ``(h_p, w_p)``; crop ``k`` owns the next ``h_p * w_p`` rows (row-major patches).
-The per-token work (``kv_proj``, ``ln_kv``) runs once over the packed rows. For the attention, the default
+The per-token work (``kv_proj``, ``ln_kv``) runs once per row. For the attention, the default
 ``batching="group"`` groups the crops whose grids are equal into one dense ``(G, h_p * w_p, hidden)`` batch and
 runs one attention call per distinct grid: no padding, no mask, results exact, and in LLaVA-UHD the slices of
 an image share one grid (plus the overview), so the number of calls is small. ``batching="pad"`` instead pads
 every crop to the longest one and runs a single attention call with a ``key_padding_mask`` (padded keys are
 masked out, so results match the grouped path up to float rounding); it wins when a batch holds many distinct
-grids. No crop ever attends to another crop's features.
+grids. No crop ever attends to another crop's features. On a CPU the grouped path takes at most
+`CPU_CHUNK_TOKENS` rows at a time through the projection and the attention (whole crops): on the CPU a bigger
+batch is no faster, and the intermediates at the LLM's width would set the peak memory of an image's encoding.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ from torch import Tensor, nn
 
 from .offload import onloaded
 from .quantization import compute_dtype
+
+# Rows of features the grouped path projects and attends at a time on a CPU (whole crops, at least one): past it
+# a batch only costs memory there (bench/RESULTS.md, "Time to first token")
+CPU_CHUNK_TOKENS = 1024
 
 __all__ = ["get_2d_sincos_pos_embed", "CrossAttentionResampler", "PerceiverResampler", "check_packed_inputs",
            "group_crops"]
@@ -195,9 +201,16 @@ class CrossAttentionResampler(nn.Module):
         touches."""
         return compute_dtype(self.kv_proj, default=self.proj.dtype)
 
+    # Whether `_compress` gets the features before the per-token work and projects them itself (in pieces)
+    compress_projects = False
+
+    def project(self, features: Tensor) -> Tensor:
+        """The per-token work: ``(N, vision_dim)`` -> ``(N, hidden)``, ``ln_kv(kv_proj(features))``."""
+        return self.ln_kv(self.kv_proj(features))
+
     def _compress(self, x: Tensor, grids: list[tuple[int, int]]) -> Tensor:
         """``x`` ``(P, hidden)``: the projected, normed features of the crops ``grids`` (at least one), packed
-        -> ``(K, num_queries, hidden)``."""
+        (``(P, vision_dim)``, not yet projected, where `compress_projects`) -> ``(K, num_queries, hidden)``."""
         raise NotImplementedError
 
     def forward(self, features: Tensor, patch_grid_hw: Tensor) -> Tensor:
@@ -211,7 +224,9 @@ class CrossAttentionResampler(nn.Module):
             ``(K, num_queries, hidden_size)``.
         """
         grids = check_packed_inputs(features, patch_grid_hw, self.vision_dim)
-        x = self.ln_kv(self.kv_proj(features.to(self.compute_dtype)))  # (P, hidden), once over all rows
+        x = features.to(self.compute_dtype)
+        if not self.compress_projects:
+            x = self.project(x)  # (P, hidden), once over all rows
         if not grids:
             return x.new_zeros(0, self.num_queries, self.hidden_size)
         # MultiheadAttention reads out_proj's weight without calling out_proj, and the folded attention reads the
@@ -258,6 +273,7 @@ class PerceiverResampler(CrossAttentionResampler):
         super().__init__(vision_dim, hidden_size, num_queries, num_heads, eps=1e-5)
         self.batching = batching
         self.attention = attention
+        self.compress_projects = True  # each group, or each chunk of one, is projected as it is attended
         # Not a buffer: derived data, never saved in a checkpoint. Keyed by (h, w, device).
         self._pos_cache: dict[tuple[int, int, torch.device], Tensor] = {}
         self.reset_parameters()
@@ -336,6 +352,7 @@ class PerceiverResampler(CrossAttentionResampler):
         starts, groups = group_crops(grids, device)
 
         if self.batching == "pad" and len(set(grids)) > 1:
+            x = self.project(x)
             L = max(counts)
             ar = torch.arange(L, device=device)
             cnt = torch.tensor(counts, device=device)
@@ -350,6 +367,12 @@ class PerceiverResampler(CrossAttentionResampler):
 
         parts = []
         for (h, w), (ks, idx) in groups.items():
-            pos = self.pos_embed(h, w, device=device, dtype=x.dtype).unsqueeze(0)
-            parts.append((ks, self._attend(x[idx], pos)))
+            pos = None
+            # on a CPU whole crops of the group a chunk at a time, at most CPU_CHUNK_TOKENS rows (at least one crop)
+            per_chunk = max(1, CPU_CHUNK_TOKENS // (h * w)) if device.type == "cpu" else len(ks)
+            for ks_chunk, idx_chunk in zip(ks.split(per_chunk), idx.split(per_chunk)):
+                rows = self.project(x[idx_chunk])  # (G, h*w, hidden)
+                if pos is None:
+                    pos = self.pos_embed(h, w, device=device, dtype=rows.dtype).unsqueeze(0)
+                parts.append((ks_chunk, self._attend(rows, pos)))
         return scatter_groups(K, parts)
