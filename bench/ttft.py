@@ -93,6 +93,8 @@ def flop_ratio(scale, width: int, height: int, llm_params: int, text_tokens: int
     table = cost_table(width, height, spec, llm_params, llm_hidden=scale.llm_hidden, llm_layers=scale.llm_layers,
                        text_tokens=text_tokens, max_slices=max_slices)
     return {"tflops": {k: v["total_tflops"] for k, v in table.items()},
+            "stage_tflops": {k: {"vision": v["vit_tflops"], "projector": v["projector_tflops"], "llm": v["llm_tflops"]}
+                             for k, v in table.items()},
             "visual_tokens": {k: v["visual_tokens"] for k, v in table.items()},
             "next_over_uhd": table["llava-next"]["total_flops"] / table["llava-uhd"]["total_flops"],
             "llava15_over_uhd": table["llava-1.5"]["total_flops"] / table["llava-uhd"]["total_flops"]}
@@ -189,6 +191,18 @@ def main(argv=None) -> dict:
     return results
 
 
+def stage_rates(entry: dict) -> dict:
+    """Per system, the vision tower's and the LLM's achieved TFLOP/s: `llava-uhd cost`'s stage FLOPs over the
+    median stage time. The FLOP ratio is the TTFT ratio's limit only where every stage runs at the same rate; a
+    system whose FLOPs sit in a slower stage falls short of it by the difference. Empty without FLOP counts."""
+    stage_tflops = (entry.get("flops") or {}).get("stage_tflops")
+    if not stage_tflops:
+        return {}
+    return {n: {st: stage_tflops[n][st] / s["breakdown_median"][st] for st in ("vision", "llm")
+                if s["breakdown_median"].get(st)}
+            for n, s in entry["systems"].items() if n in stage_tflops}
+
+
 def format_size(entry: dict) -> str:
     """One size's table: per system TTFT, breakdown, LLM tokens and memory; then the ratios."""
     lines = [f"\n{entry['width']}x{entry['height']} (load {entry['load1'][0]:.2f} -> {entry['load1'][1]:.2f})",
@@ -205,6 +219,10 @@ def format_size(entry: dict) -> str:
             flop = entry["flops"][key] if entry["flops"] else float("nan")
             lines.append(f"  TTFT {label}: median {r['median']:.2f}x, min {r['min']:.2f}x; FLOP ratio {flop:.2f}x "
                          f"(measured/FLOP {r.get('of_flop_ratio', float('nan')):.0%})")
+    rates = stage_rates(entry)
+    if rates:
+        lines.append("  achieved TFLOP/s (stage FLOPs / median stage time): " + "; ".join(
+            f"{n} " + ", ".join(f"{st} {r:.2f}" for st, r in per.items()) for n, per in rates.items()))
     mem = entry["memory"]
     if mem.get("llava-next") and mem.get("llava-uhd"):
         lines.append(f"  peak memory UHD/NeXT: activation {mem['llava-uhd']['activation'] / max(1, mem['llava-next']['activation']):.2f}x, "

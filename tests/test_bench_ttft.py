@@ -61,4 +61,12 @@ def test_token_counts_match_cost_model_and_stages_add_up(ttft, capsys):
             assert stages == pytest.approx(run["total"])
             assert all(run[s] > 0 for s in ("preprocess", "vision", "projector", "llm")), (name, run)
         assert entry["next_over_uhd"]["median"] > 0
-    assert "TTFT NeXT/UHD" in capsys.readouterr().out
+        # achieved rates: the stage's FLOPs from the cost model over its measured time
+        rates = bench.stage_rates(entry)
+        for name, per in rates.items():
+            expected = entry["flops"]["stage_tflops"][name]["llm"] / entry["systems"][name]["breakdown_median"]["llm"]
+            assert per["llm"] == pytest.approx(expected)
+        stage_sum = sum(entry["flops"]["stage_tflops"]["llava-uhd"].values())
+        assert stage_sum == pytest.approx(entry["flops"]["tflops"]["llava-uhd"])
+    out = capsys.readouterr().out
+    assert "TTFT NeXT/UHD" in out and "achieved TFLOP/s" in out
