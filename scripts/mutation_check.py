@@ -39,8 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULES: dict[str, dict] = {
     "slicing": {"mutate": ["src/llava_uhd/slicing.py"], "tests": ["tests/test_slicing.py"]},
     "processing": {"mutate": ["src/llava_uhd/processing.py"], "tests": ["tests/test_processing.py"]},
+    # test_processing.py: `from_backbones` is where the image processor meets a checkpoint's mean / std
     "image_processing": {"mutate": ["src/llava_uhd/image_processing.py"],
-                         "tests": ["tests/test_image_processing.py"]},
+                         "tests": ["tests/test_image_processing.py", "tests/test_processing.py"]},
     "resampler": {"mutate": ["src/llava_uhd/modeling/resampler.py"], "tests": ["tests/test_resampler.py"]},
     "vision": {"mutate": ["src/llava_uhd/modeling/vision.py"],
                "tests": ["tests/test_vision.py", "tests/test_pos_embed.py"]},

@@ -74,6 +74,7 @@ def test_matches_the_pil_processor(size, strategy, uint8_resize):
     assert_matches(slow(image), fast(image))
 
 
+@pytest.mark.slow  # decodes and resizes a 12-megapixel JPEG six times
 @pytest.mark.parametrize("uint8_resize", [True, False], ids=["uint8", "float32"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_a_12_megapixel_jpeg_full_and_drafted(big_jpeg, strategy, uint8_resize):

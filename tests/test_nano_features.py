@@ -66,6 +66,7 @@ class _ManyTensors:
                 "caption": (ids, ids.clone()), "qa": (ids + 1, ids - 1)}
 
 
+@pytest.mark.slow  # starts DataLoader worker processes
 def test_cache_features_keeps_no_worker_shared_memory(monkeypatch):
     """Samples from DataLoader worker processes arrive in shared memory, each tensor holding a descriptor open:
     16000 kept samples of ten tensors each passed the GPU machine's 20000-descriptor limit and the run died with

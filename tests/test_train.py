@@ -201,6 +201,7 @@ def test_the_newest_checkpoint_is_the_largest_step_as_a_number(tmp_path):
     assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-9")
 
 
+@pytest.mark.slow  # trains, stops and resumes
 def test_resume_continues_from_checkpoint_10_not_9(workspace, tmp_path, caplog):
     """A real run saves checkpoint-5 and checkpoint-10; checkpoint-9 is a copy of checkpoint-5 (its state says step
     5) and checkpoint-100 never finished saving. Run again with more steps: it continues from checkpoint-10 (by
