@@ -352,3 +352,136 @@ def test_large_images_resize_their_crops_in_threads_with_identical_output(monkey
     np.testing.assert_array_equal(threaded["patch_grid_hw"], serial["patch_grid_hw"])
     processor(Image.fromarray(np.zeros((600, 800, 3), np.uint8)))  # 0.5 MP: not worth a thread
     assert pools == [3]
+
+
+# ------------------------------------------------------------------ found by the mutation check (image_processing)
+def test_defaults_and_settings_as_documented():
+    p = LlavaUHDImageProcessor()
+    assert (p.max_slices, p.reducing_gap, p.resample, p.patch_size) == (6, 3.0, Image.Resampling.BICUBIC, 14)
+    assert p.size == {"height": 336, "width": 336}
+    assert LlavaUHDImageProcessor(reducing_gap=1).reducing_gap == 1.0  # the smallest gap PIL accepts
+    assert LlavaUHDImageProcessor(reducing_gap=1.5).reducing_gap == 1.5
+    assert LlavaUHDImageProcessor(reducing_gap=None).reducing_gap is None
+    with pytest.raises(ValueError, match=r"reducing_gap must be >= 1 or None, got 0.5"):
+        LlavaUHDImageProcessor(reducing_gap=0.5)
+    with pytest.raises(ValueError, match=r"image_strategy must be 'uhd', 'pad' or 'fixed_grid', got 'tiles'"):
+        LlavaUHDImageProcessor(image_strategy="tiles")
+    with pytest.raises(TypeError, match=r"unexpected arguments: \['colour'\]"):
+        p.preprocess(Image.new("RGB", (40, 30)), colour="red")
+    saved = LlavaUHDImageProcessor(image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6]).to_dict()
+    assert (saved["image_mean"], saved["image_std"]) == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
+
+
+def test_from_slice_config_takes_every_setting():
+    from llava_uhd.slicing import SliceConfig
+
+    p = LlavaUHDImageProcessor.from_slice_config(
+        SliceConfig(image_size=(448, 224), patch_size=16, max_slices=4, max_pixels=5_000_000), image_strategy="pad")
+    assert p.size == {"height": 224, "width": 448} and p.patch_size == 16 and p.max_slices == 4
+    assert p.max_pixels == 5_000_000 and p.image_strategy == "pad"
+    assert p.slice_config == SliceConfig(image_size=(448, 224), patch_size=16, max_slices=4, max_pixels=5_000_000)
+
+
+def test_keep_pixels_is_four_times_the_crops_pixels():
+    side = 336 * 336
+    assert LlavaUHDImageProcessor().keep_pixels() == 4 * 7 * side  # 6 slices + overview
+    assert LlavaUHDImageProcessor().keep_pixels(max_slices=2) == 4 * 3 * side
+    assert LlavaUHDImageProcessor(image_strategy="pad").keep_pixels() == 4 * 1 * side
+    assert LlavaUHDImageProcessor(image_strategy="fixed_grid", fixed_grid=(3, 2)).keep_pixels() == 4 * 7 * side
+    assert LlavaUHDImageProcessor(size={"height": 224, "width": 448}, max_slices=3).keep_pixels() == 4 * 4 * 448 * 224
+
+
+@pytest.mark.parametrize("resample", [Image.Resampling.NEAREST, Image.Resampling.BILINEAR])
+def test_the_resample_filter_is_used(resample):
+    image = Image.fromarray(gradient(1000, 700))
+    rng = np.random.default_rng(0)  # detail that every filter renders differently
+    image = Image.fromarray(np.clip(np.asarray(image) + rng.integers(0, 60, (700, 1000, 3)), 0, 255).astype(np.uint8))
+    p = LlavaUHDImageProcessor(resample=resample, reducing_gap=None, do_normalize=False, do_rescale=False)
+    out = p(image)
+    crop = p.plan(1000, 700).crops[0]
+    expected = np.asarray(image.resize(crop.size, resample, box=crop.box), np.float32).transpose(2, 0, 1)
+    np.testing.assert_array_equal(_crops(out)[0], expected)
+    bicubic = LlavaUHDImageProcessor(reducing_gap=None, do_normalize=False, do_rescale=False)(image)
+    assert not np.array_equal(_crops(bicubic)[0], expected)
+
+
+def test_reducing_gap_is_used():
+    image = Image.fromarray(gradient(3000, 2000))
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(np.clip(np.asarray(image) + rng.integers(0, 60, (2000, 3000, 3)), 0, 255).astype(np.uint8))
+    raw = {"do_normalize": False, "do_rescale": False}
+    # the first slice, 1000x1000 px to 336x336: reduced by 2 first only when the gap is under 1.5
+    exact, gapped = (_crops(LlavaUHDImageProcessor(reducing_gap=g, **raw)(image))[0] for g in (None, 1.0))
+    crop = LlavaUHDImageProcessor().plan(3000, 2000).crops[0]
+    expected = np.asarray(image.resize(crop.size, Image.Resampling.BICUBIC, box=crop.box, reducing_gap=1.0),
+                          np.float32).transpose(2, 0, 1)
+    np.testing.assert_array_equal(gapped, expected)
+    assert not np.array_equal(exact, gapped)
+
+
+@pytest.mark.parametrize("strategy", ["uhd", "pad", "fixed_grid"])
+def test_outputs_are_float32_and_int64(strategy):
+    out = LlavaUHDImageProcessor(image_strategy=strategy, image_mean=[0.5, 0.5, 0.5], image_std=[0.25, 0.5, 0.5])(
+        [Image.fromarray(gradient(500, 300)), np.zeros((40, 90, 3), np.uint8)])
+    assert out["pixel_values"].dtype == np.float32
+    for key in ("patch_grid_hw", "crop_image_ids", "image_layout", "image_sizes"):
+        assert out[key].dtype == np.int64, key
+    assert out["crop_is_overview"].dtype == bool
+
+
+def test_no_images_give_empty_rows_of_the_patch_width():
+    out = LlavaUHDImageProcessor(patch_size=16)([])
+    assert out["pixel_values"].shape == (0, 3 * 16 * 16) and out["pixel_values"].dtype == np.float32
+    assert out["patch_grid_hw"].shape == (0, 2) and out["image_sizes"].shape == (0, 2)
+
+
+def test_pad_is_one_view_whatever_the_size():
+    p = LlavaUHDImageProcessor(image_strategy="pad")
+    for w, h in ((2000, 1000), (336, 1500), (100, 50)):
+        plan = p.plan(w, h)
+        assert len(plan.crops) == 1 and plan.crops[0].size == (336, 336), (w, h)
+
+
+def test_fixed_grid_crops_follow_the_processors_size():
+    p = LlavaUHDImageProcessor(image_strategy="fixed_grid", fixed_grid=(2, 1), size={"height": 224, "width": 224})
+    plan = p.plan(896, 448)
+    assert (plan.cols, plan.rows) == (2, 1)
+    assert [c.size for c in plan.crops[:2]] == [(224, 224), (224, 224)]  # two 448x448 halves at 224, not 336
+    w, h = plan.crops[2].size  # the overview: about 224x224 pixels in all, 2:1 like the image (322x154)
+    assert abs(w / h - 2) < 0.1 and 0.9 * 224 * 224 < w * h < 1.1 * 224 * 224
+
+
+def test_patchify_keeps_leading_dimensions_for_numpy_and_torch():
+    rng = np.random.default_rng(3)
+    pixels = rng.normal(size=(2, 3, 3, 8, 12)).astype(np.float32)  # two batch dimensions, 4x4 patches
+    out = patchify(pixels, 4)
+    assert out.shape == (2, 3, 2 * 3, 3 * 16)
+    for i in range(2):
+        for j in range(3):
+            np.testing.assert_array_equal(out[i, j], patchify(pixels[i, j], 4))
+            np.testing.assert_array_equal(unpatchify(out[i, j], (2, 3), 4), pixels[i, j])
+    as_torch = patchify(torch.from_numpy(pixels), 4)
+    assert isinstance(as_torch, torch.Tensor)
+    np.testing.assert_array_equal(as_torch.numpy(), out)
+    # patch (row 1, column 2) of image [1, 0] by hand: its 3 channels x 4 x 4 pixels, channel-major
+    np.testing.assert_array_equal(out[1, 0, 1 * 3 + 2], pixels[1, 0, :, 4:8, 8:12].reshape(-1))
+
+
+def test_vision_image_stats_from_the_checkpoint_or_its_family(tmp_path):
+    import json
+
+    from transformers import CLIPVisionConfig, Dinov2Config, SiglipVisionConfig
+
+    from llava_uhd.image_processing import IMAGENET_MEAN, IMAGENET_STD, SIGLIP_MEAN, SIGLIP_STD, vision_image_stats
+
+    for name, config, stats in (("dino", Dinov2Config(), (IMAGENET_MEAN, IMAGENET_STD)),
+                                ("siglip", SiglipVisionConfig(), (SIGLIP_MEAN, SIGLIP_STD)),
+                                ("clip", CLIPVisionConfig(), (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))):
+        config.save_pretrained(tmp_path / name)  # no preprocessor config: the family's standard values
+        assert vision_image_stats(str(tmp_path / name)) == stats, name
+    # a preprocessor config with both values wins; with only one of them it is not used
+    (tmp_path / "dino" / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.1, 0.2, 0.3]}))
+    assert vision_image_stats(str(tmp_path / "dino")) == (IMAGENET_MEAN, IMAGENET_STD)
+    (tmp_path / "dino" / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.1, 0.2, 0.3], "image_std": [0.4, 0.5, 0.6]}))
+    assert vision_image_stats(str(tmp_path / "dino")) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
