@@ -605,3 +605,83 @@ def test_gradient_checkpointing_uses_buckets():
     enc.zero_grad()
     enc(pixel_values, grids).square().mean().backward()
     assert rel_err(enc.vision_model.encoder.layers[0].self_attn.q_proj.weight.grad, ref) < 1e-5
+
+
+# ---------------------------------------------------------------------- found by the mutation check (vision)
+def test_a_wrapper_or_a_full_config_is_unwrapped():
+    from transformers import CLIPConfig
+
+    torch.manual_seed(0)
+    wrapper = torch.nn.Module()  # like CLIPModel: holds the tower as .vision_model
+    wrapper.vision_model = CLIPVisionModel(clip_config())
+    enc = AdaptiveVisionEncoder(wrapper)
+    assert enc.vision_model is wrapper.vision_model and enc.family == "clip"
+    with pytest.raises(ValueError, match=r"unsupported vision config model_type 'bert'; expected one of \['clip_vision"):
+        AdaptiveVisionEncoder.from_config(transformers.BertConfig())
+    full = CLIPConfig(vision_config=clip_config().to_dict(), text_config={"hidden_size": 16, "intermediate_size": 32,
+                      "num_hidden_layers": 1, "num_attention_heads": 2})
+    enc = AdaptiveVisionEncoder.from_config(full)
+    assert enc.hidden_size == 32 and len(enc.layers) == 3 and enc.native_grid == (4, 4)
+    assert AdaptiveVisionEncoder.from_config(clip_config(num_hidden_layers=2)).num_layers_to_run == 1
+
+
+def test_feature_layer_bounds_and_messages():
+    torch.manual_seed(0)
+    tower = CLIPVisionModel(clip_config())  # 3 layers: hidden states 0..3
+    assert AdaptiveVisionEncoder(tower, feature_layer=-4).num_layers_to_run == 0
+    assert AdaptiveVisionEncoder(tower, feature_layer=3).num_layers_to_run == 3
+    for bad in (-5, 4):
+        with pytest.raises(ValueError, match=rf"feature_layer={bad} out of range for a tower with 3 layers \(4 hidden states\)"):
+            AdaptiveVisionEncoder(tower, feature_layer=bad)
+    with pytest.raises(ValueError, match=r"unsupported vision tower Linear \(model_type None\); expected one of"):
+        AdaptiveVisionEncoder(torch.nn.Linear(2, 2))
+
+
+def test_native_grid_from_the_position_table():
+    torch.manual_seed(0)
+    # 25 positions on a tower whose config says 28 px / 7 = 4x4: the table is 5x5, square
+    tower = Dinov2Model(dinov2_config(image_size=35))
+    tower.config.image_size = 28
+    assert AdaptiveVisionEncoder(tower).native_grid == (5, 5)
+    tower = Dinov2Model(dinov2_config(image_size=(28, 42)))  # 4x6 positions, a non-square native grid
+    assert AdaptiveVisionEncoder(tower).native_grid == (4, 6)
+
+
+def test_packs_fill_up_to_the_cap_exactly():
+    def h(n):
+        return torch.zeros(1, n, 2)
+
+    sizes = [[p.shape[1] for p in pack] for pack in AdaptiveVisionEncoder._packs([h(5), h(5), h(5), h(3)], 10)]
+    assert sizes == [[5, 5], [5, 3]]
+    assert [[p.shape[1] for p in pack] for pack in AdaptiveVisionEncoder._packs([h(4), h(6), h(1)], 10)] == [[4, 6], [1]]
+    assert len(AdaptiveVisionEncoder._packs([h(5), h(5)], None)) == 1
+
+
+@torch.no_grad()
+def test_run_layers_applies_the_attention_mask():
+    enc = make_encoder(clip_config, 22)
+    hidden = torch.randn(1, 6, 32)
+    mask = torch.zeros(1, 1, 6, 6)
+    mask[..., 3:] = float("-inf")  # nobody sees the last three tokens
+    masked = enc.run_layers(hidden, mask)
+    alone = enc.run_layers(hidden[:, :3])  # the first three tokens without the others
+    assert rel_err(masked[:, :3], alone) < 1e-5
+    assert rel_err(enc.run_layers(hidden)[:, :3], alone) > 1e-3
+
+
+def test_no_crops_give_no_features_in_the_towers_dtype():
+    enc = make_encoder(clip_config, 23).to(torch.bfloat16)
+    out = enc(torch.zeros(0, 3 * PATCH * PATCH), torch.zeros(0, 2, dtype=torch.long))
+    assert out.shape == (0, 32) and out.dtype == torch.bfloat16
+
+
+@torch.no_grad()
+def test_the_position_cache_keeps_the_newest_grids(monkeypatch):
+    import llava_uhd.modeling.vision as vision
+
+    monkeypatch.setattr(vision, "_MAX_CACHED_GRIDS", 2)
+    enc = make_encoder(clip_config, 24)
+    for grid in ((2, 3), (3, 2), (5, 1)):
+        enc.get_pos_embed(grid)
+    assert [key[0] for key in enc._pos_cache] == [(3, 2), (5, 1)]  # the oldest went
+    assert enc.get_pos_embed((5, 1)) is enc.get_pos_embed((5, 1))
