@@ -278,14 +278,17 @@ def test_pad_centres_the_image_on_the_mean_colour(width, height, rows, cols):
     np.testing.assert_allclose(got, _pad_layout(112, rows, cols, normalized(RED), normalized(CLIP_FILL)), atol=1e-5)
 
 
-def test_pad_of_a_float_image_fills_with_the_exact_mean():
+@pytest.mark.parametrize("height", [56, 32])
+def test_pad_of_a_float_image_fills_with_the_exact_mean(height):
     """A float image in [0, 1] pads with the mean itself (not truncated to 8 bits): the fill normalizes to 0."""
     processor = LlavaUHDImageProcessor(size={"height": 112, "width": 112}, image_strategy="pad")
-    image = np.zeros((56, 112, 3), np.float32)
+    image = np.zeros((height, 112, 3), np.float32)
     image[..., 0] = 1.0  # red
     got = unpatchify(processor(image)["pixel_values"], (8, 8), 14)
     red = (np.array([1.0, 0.0, 0.0]) - OPENAI_CLIP_MEAN) / OPENAI_CLIP_STD
-    np.testing.assert_allclose(got, _pad_layout(112, range(28, 84), range(112), red, np.zeros(3)), atol=1e-5)
+    top = (112 - height) // 2
+    np.testing.assert_allclose(got, _pad_layout(112, range(top, top + height), range(112), red, np.zeros(3)),
+                               atol=1e-5)
 
 
 def test_pad_100x50_matches_expand2square_then_resize():
@@ -387,8 +390,21 @@ def test_keep_pixels_is_four_times_the_crops_pixels():
     assert LlavaUHDImageProcessor().keep_pixels() == 4 * 7 * side  # 6 slices + overview
     assert LlavaUHDImageProcessor().keep_pixels(max_slices=2) == 4 * 3 * side
     assert LlavaUHDImageProcessor(image_strategy="pad").keep_pixels() == 4 * 1 * side
-    assert LlavaUHDImageProcessor(image_strategy="fixed_grid", fixed_grid=(3, 2)).keep_pixels() == 4 * 7 * side
+    assert LlavaUHDImageProcessor(image_strategy="fixed_grid", fixed_grid=(2, 2)).keep_pixels() == 4 * 5 * side
     assert LlavaUHDImageProcessor(size={"height": 224, "width": 448}, max_slices=3).keep_pixels() == 4 * 4 * 448 * 224
+
+
+def test_a_float_image_resizes_with_the_resample_filter():
+    rng = np.random.default_rng(2)
+    image = rng.random((300, 500, 3)).astype(np.float32)
+    raw = {"do_normalize": False, "do_rescale": False, "reducing_gap": None}
+    p = LlavaUHDImageProcessor(resample=Image.Resampling.NEAREST, **raw)
+    crop = p.plan(500, 300).crops[0]
+    left, top, right, bottom = crop.box
+    expected = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(image[top:bottom, left:right, c]))
+                                    .resize(crop.size, Image.Resampling.NEAREST)) for c in range(3)])
+    np.testing.assert_array_equal(_crops(p(image))[0], expected)
+    assert not np.array_equal(_crops(LlavaUHDImageProcessor(**raw)(image))[0], expected)
 
 
 @pytest.mark.parametrize("resample", [Image.Resampling.NEAREST, Image.Resampling.BILINEAR])
