@@ -391,6 +391,7 @@ def test_keep_pixels_is_four_times_the_crops_pixels():
     assert LlavaUHDImageProcessor().keep_pixels(max_slices=2) == 4 * 3 * side
     assert LlavaUHDImageProcessor(image_strategy="pad").keep_pixels() == 4 * 1 * side
     assert LlavaUHDImageProcessor(image_strategy="fixed_grid", fixed_grid=(3, 1)).keep_pixels() == 4 * 4 * side
+    assert LlavaUHDImageProcessor(image_strategy="fixed_grid", fixed_grid=(4, 2)).keep_pixels() == 4 * 9 * side
     assert LlavaUHDImageProcessor(size={"height": 224, "width": 448}, max_slices=3).keep_pixels() == 4 * 4 * 448 * 224
 
 
