@@ -16,8 +16,6 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from llava_uhd.backbones import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     PRESETS,
     add_build_arguments,
     build_model,
@@ -25,6 +23,7 @@ from llava_uhd.backbones import (
     find_packaged_file,
     prepare_backbone,
 )
+from llava_uhd.image_processing import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _require(module: str, pip: str) -> None:

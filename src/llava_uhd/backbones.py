@@ -64,8 +64,6 @@ __all__ = [
     "run_build",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _CACHE_FORMAT = 2  # raise it when a conversion changes: entries of another format are not reused
 
 
@@ -345,6 +343,8 @@ def convert_dinov2_onnx(onnx_path, return_report: bool = False):
 
 # ------------------------------------------------------------------------------------------------ presets -> folders
 def _convert_dinov2_preset(source: Path, folder: Path) -> None:
+    from .image_processing import IMAGENET_MEAN, IMAGENET_STD
+
     model = convert_dinov2_onnx(source)
     model.save_pretrained(folder)
     # the preprocessing of facebook/dinov2-* (resize 256, center crop 224, ImageNet mean/std), written as JSON so
