@@ -257,6 +257,8 @@ class PerceiverResampler(CrossAttentionResampler):
             is an option). Same weights either way.
     """
 
+    compress_projects = True  # each group, or each chunk of one, is projected as it is attended
+
     def __init__(
         self,
         vision_dim: int,
@@ -273,7 +275,6 @@ class PerceiverResampler(CrossAttentionResampler):
         super().__init__(vision_dim, hidden_size, num_queries, num_heads, eps=1e-5)
         self.batching = batching
         self.attention = attention
-        self.compress_projects = True  # each group, or each chunk of one, is projected as it is attended
         # Not a buffer: derived data, never saved in a checkpoint. Keyed by (h, w, device).
         self._pos_cache: dict[tuple[int, int, torch.device], Tensor] = {}
         self.reset_parameters()

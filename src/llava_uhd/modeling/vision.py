@@ -180,9 +180,8 @@ class AdaptiveVisionEncoder(nn.Module):
         self.in_channels = int(self.patch_conv.in_channels)
         self.hidden_size = int(self.patch_conv.out_channels)
 
-        emb = vision_model.embeddings  # (1, N, D) for DINOv2, (N, D) else; ds_shape: DeepSpeed ZeRO-3 builds the
-        pos = emb.position_embeddings if self.family == "dinov2" else emb.position_embedding.weight  # model with
-        num_positions = getattr(pos, "ds_shape", pos.shape)[-2] - (1 if self.has_cls else 0)  # empty placeholders
+        pos = self._pos_param()  # ds_shape: DeepSpeed ZeRO-3 builds the model with empty placeholders
+        num_positions = getattr(pos, "ds_shape", pos.shape)[-2] - (1 if self.has_cls else 0)
         image_size = config.image_size
         ih, iw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.native_grid = (ih // self.patch_size, iw // self.patch_size)
@@ -274,12 +273,15 @@ class AdaptiveVisionEncoder(nn.Module):
 
     # ----------------------------------------------------------------------------------------- position embedding
 
+    def _pos_param(self) -> nn.Parameter:
+        """The position-embedding parameter itself: ``(1, N, D)`` for DINOv2, ``(N, D)`` else."""
+        emb = self.vision_model.embeddings
+        return emb.position_embeddings if self.family == "dinov2" else emb.position_embedding.weight
+
     def _pos_weight(self) -> torch.Tensor:
         """The learned position embedding, ``(num_prefix_pos + gh*gw, D)``."""
-        emb = self.vision_model.embeddings
-        if self.family == "dinov2":
-            return emb.position_embeddings[0]
-        return emb.position_embedding.weight
+        pos = self._pos_param()
+        return pos[0] if self.family == "dinov2" else pos
 
     def get_pos_embed(self, grid_hw: tuple[int, int]) -> torch.Tensor:
         """Patch position embedding for one grid: ``(h_p * w_p, D)`` in the tower's dtype (CLS excluded)."""

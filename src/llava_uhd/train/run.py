@@ -157,11 +157,11 @@ def unsharded_copy(model, state: dict, args: LlavaUHDTrainingArguments):
     with torch.device("meta"), without_zero3_init():
         copy = prepare_stage(LlavaUHDForConditionalGeneration(model.config), args)
     copy.load_state_dict(state, strict=True, assign=True)
+    sources = dict(model.named_buffers())
     for name, buffer in list(copy.named_buffers()):  # non-persistent buffers (rotary tables): from the model
         if buffer.is_meta:
             owner, _, leaf = name.rpartition(".")
-            source = dict(model.named_buffers())[name]
-            copy.get_submodule(owner).register_buffer(leaf, source.detach().to("cpu"), persistent=False)
+            copy.get_submodule(owner).register_buffer(leaf, sources[name].detach().to("cpu"), persistent=False)
     return copy
 
 
